@@ -1,0 +1,29 @@
+"""Pure-PyTorch algorithms: flow policies, critics, and one module per algorithm.
+
+``ALGORITHMS`` is the registry an experiment file names its algorithm from (``algorithm: {name: isfm, ...}``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from softflow.algorithms.base import Algorithm, AlgorithmConfig
+from softflow.algorithms.isfm import ISFM, ISFMConfig
+from softflow.algorithms.sac import SAC, SACConfig
+
+ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM}
+
+AnyAlgorithmConfig = Annotated[Union[tuple(cls.Config for cls in ALGORITHMS.values())], Field(discriminator="name")]
+
+
+def make_algorithm(config: AlgorithmConfig, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,
+                   device: str | torch.device = "cpu") -> Algorithm:
+    """Builds the registered algorithm named by ``config.name``."""
+    return ALGORITHMS[config.name](config, obs_dim, action_low, action_high, device)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmConfig", "AnyAlgorithmConfig", "make_algorithm"]

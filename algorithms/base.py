@@ -1,0 +1,169 @@
+"""The interface every algorithm implements, and the soft actor-critic skeleton they share.
+
+``Algorithm`` is what the rest of softflow sees (act, update, state_dict/load_state_dict, policy_weights).
+``SoftActorCritic`` holds what SAC and the flow algorithms have in common: twin soft Q critics with Polyak
+targets, the temperature alpha, the optimisers, and the update schedule (CleanRL's: the critic every update; every
+``policy_frequency`` updates, ``policy_frequency`` policy steps, so policy and critic see the same number of steps).
+Subclasses build the policy and define ``policy_loss``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from softflow.algorithms.critics import CriticConfig, Temperature, TwinCritic
+from softflow.algorithms.squash import Squash
+
+
+class AlgorithmConfig(BaseModel):
+    """Fields every algorithm shares (CleanRL SAC defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    gamma: float = Field(0.99, gt=0, lt=1, description="discount factor")
+    tau: float = Field(0.005, gt=0, le=1, description="Polyak rate of the target critics")
+    batch_size: int = Field(256, ge=1, description="transitions per update")
+    q_lr: float = Field(1e-3, gt=0, description="critic learning rate (Adam)")
+    policy_lr: float = Field(3e-4, gt=0, description="policy learning rate (Adam)")
+    policy_frequency: int = Field(2, ge=1, description="policy steps are taken in bursts of this size, this often")
+    alpha: float = Field(0.2, gt=0, description="entropy temperature (initial value when autotuned)")
+    autotune_alpha: bool = Field(True, description="tune alpha towards target_entropy")
+    target_entropy: float | None = Field(None, description="entropy target; default -|A|")
+    alpha_lr: float = Field(1e-3, gt=0, description="learning rate of log(alpha)")
+    critic: CriticConfig = CriticConfig()
+
+
+class Algorithm(abc.ABC):
+    """An off-policy learner: acts for actors, updates from replay batches, and (de)serialises itself."""
+
+    config: AlgorithmConfig
+
+    @abc.abstractmethod
+    def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
+        """Actions for a batch of observations (B, obs_dim) -> (B, act_dim)."""
+
+    @abc.abstractmethod
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One gradient update on a batch; returns namespaced metrics (``losses/...``, ``learner/...``)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: networks, optimisers, alpha, counters."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def alpha(self) -> float:
+        """The current entropy temperature."""
+
+    @abc.abstractmethod
+    def policy_weights(self) -> dict[str, Any]:
+        """What actors need to act (the policy and, for best-of-N, the critic), as CPU tensors."""
+
+    @abc.abstractmethod
+    def load_policy_weights(self, weights: dict[str, Any]) -> None: ...
+
+
+class SoftActorCritic(Algorithm):
+    """Shared skeleton: soft policy evaluation with twin critics; subclasses supply the policy improvement."""
+
+    policy: nn.Module
+
+    def __init__(self, config: AlgorithmConfig, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,
+                 device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        act_dim = len(action_low)
+        self.policy = self.build_policy(obs_dim, act_dim, Squash(action_low, action_high)).to(self.device)
+        self.critic = TwinCritic(config.critic, obs_dim, act_dim).to(self.device)
+        target_entropy = -float(act_dim) if config.target_entropy is None else config.target_entropy
+        self.temperature = Temperature(config.alpha, config.autotune_alpha, target_entropy, config.alpha_lr)
+        self.temperature.to(self.device)
+        self.q_optimizer = torch.optim.Adam(
+            [*self.critic.q1.parameters(), *self.critic.q2.parameters()], lr=config.q_lr)
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.policy_lr)
+        self.num_updates = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.temperature.value
+
+    @abc.abstractmethod
+    def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> nn.Module:
+        """The policy network; its ``sample(obs, num_samples, with_log_prob, noise)`` returns a PolicySample."""
+
+    @abc.abstractmethod
+    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(loss to minimise, detached entropy estimate for alpha, extra metrics) for a batch of states."""
+
+    def next_action(self, next_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a' ~ pi(.|s') and log pi(a'|s') for the soft TD target."""
+        sample = self.policy.sample(next_obs, with_log_prob=True)
+        return sample.action, sample.log_prob
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        alpha = self.temperature.value
+        with torch.no_grad():
+            next_action, next_log_prob = self.next_action(batch["next_obs"])
+        q_loss, q_mean = self.critic.td_loss(batch, next_action, next_log_prob, alpha, self.config.gamma)
+        self.q_optimizer.zero_grad()
+        q_loss.backward()
+        self.q_optimizer.step()
+        metrics = {"losses/q_loss": float(q_loss), "learner/q_mean": float(q_mean)}
+        if self.num_updates % self.config.policy_frequency == 0:
+            for _ in range(self.config.policy_frequency):
+                loss, entropy, extra = self.policy_loss(batch["obs"])
+                self.policy_optimizer.zero_grad()
+                loss.backward()
+                self.policy_optimizer.step()
+                self.temperature.update(entropy)
+            metrics |= {"losses/policy_loss": float(loss), "learner/entropy": float(entropy), **extra}
+        self.critic.update_targets(self.config.tau)
+        self.num_updates += 1
+        metrics["learner/alpha"] = self.temperature.value
+        return metrics
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        noise = None if explore else torch.zeros(obs_t.shape[0], self.policy.act_dim, device=self.device)
+        return self.policy.sample(obs_t, noise=noise).action.cpu().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "critic": self.critic.state_dict(),
+            "temperature": self.temperature.state_dict(),
+            "q_optimizer": self.q_optimizer.state_dict(),
+            "policy_optimizer": self.policy_optimizer.state_dict(),
+            "alpha_optimizer": self.temperature.optimizer.state_dict() if self.temperature.optimizer else None,
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.critic.load_state_dict(state["critic"])
+        self.temperature.load_state_dict(state["temperature"])
+        self.q_optimizer.load_state_dict(state["q_optimizer"])
+        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        if self.temperature.optimizer is not None:
+            self.temperature.optimizer.load_state_dict(state["alpha_optimizer"])
+        self.num_updates = state["num_updates"]
+
+    def policy_weights(self) -> dict[str, Any]:
+        def to_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+        return {"policy": to_cpu(self.policy), "q1": to_cpu(self.critic.q1), "q2": to_cpu(self.critic.q2)}
+
+    def load_policy_weights(self, weights: dict[str, Any]) -> None:
+        self.policy.load_state_dict(weights["policy"])
+        self.critic.q1.load_state_dict(weights["q1"])
+        self.critic.q2.load_state_dict(weights["q2"])

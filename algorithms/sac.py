@@ -1,0 +1,39 @@
+"""Gaussian SAC, the baseline (Haarnoja et al. 2018, with CleanRL's defaults).
+
+Policy improvement minimises E_s E_{a~pi}[alpha log pi(a|s) - min_i Q_i(s, a)] through the reparameterised
+sample a = Squash(mu(s) + sigma(s) x_0). Defaults: batch 256, q lr 1e-3, policy lr 3e-4, policy_frequency 2,
+log-std in [-5, 2], target entropy -|A| (ALGORITHMS.md section 1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
+from softflow.algorithms.policy import GaussianPolicy
+from softflow.algorithms.squash import Squash
+
+
+class SACConfig(AlgorithmConfig):
+    name: Literal["sac"] = "sac"
+    hidden: list[int] = Field([256, 256], min_length=1, description="policy MLP widths")
+    log_std_min: float = -5.0
+    log_std_max: float = 2.0
+
+
+class SAC(SoftActorCritic):
+    Config = SACConfig
+    config: SACConfig
+
+    def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> GaussianPolicy:
+        c = self.config
+        return GaussianPolicy(obs_dim, act_dim, c.hidden, squash, c.log_std_min, c.log_std_max)
+
+    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        sample = self.policy.sample(obs, with_log_prob=True)
+        q = self.critic.min_q(obs, sample.action)
+        loss = (self.temperature.value * sample.log_prob - q).mean()
+        return loss, -sample.log_prob.detach().mean(), {}

@@ -1,0 +1,72 @@
+"""The ``softflow`` command.
+
+    softflow train EXPERIMENT.yaml [key=value ...] [--run-dir DIR]
+    softflow bench learner [--updates N]
+
+Bad input ends with one line on stderr naming what is wrong, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from softflow.deploy.config import ConfigError
+
+USAGE_ERROR = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from softflow.deploy.config import load_experiment
+    from softflow.deploy.driver import default_run_dir, train
+
+    config = load_experiment(args.experiment, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    print(f"softflow: training '{config.name}' ({config.algorithm.name} on {config.env.id}); run directory {run_dir}")
+    summary = train(config, run_dir, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from softflow.deploy.bench import bench_learner
+
+    print(json.dumps(bench_learner(updates=args.updates, batch_size=args.batch_size), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softflow", description="Flow-matching policies for max-entropy RL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train an experiment")
+    train.add_argument("experiment", help="experiment YAML, e.g. cluster/experiments/lqr-isfm.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.q_lr=1e-3")
+    train.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
+    train.add_argument("--no-progress", action="store_true", help="no live progress display")
+    train.set_defaults(func=_train)
+
+    bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
+    bench.add_argument("what", choices=["learner"], help="learner: update and sampling costs")
+    bench.add_argument("--updates", type=int, default=20, help="timed updates per algorithm")
+    bench.add_argument("--batch-size", type=int, default=256)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"softflow: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("softflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Experiment files: the frozen config tree, loading YAML with ``key=value`` overrides, and one-line errors.
+
+One experiment file describes one run. Each component takes its own sub-config (``env``, ``algorithm``, ``actors``,
+``replay``, ``learner``, ``eval``); this module composes them and checks what spans several of them (an LQR system
+against ``algorithm.gamma``). Any problem raises ``ConfigError`` with one line that names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from softflow.actors.envs import EnvConfig, LQREnvConfig, check_env_id
+from softflow.actors.lqr import check_lqr_system
+from softflow.algorithms import ALGORITHMS, AnyAlgorithmConfig
+
+
+class ConfigError(Exception):
+    """A bad experiment file or override; the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ActorsConfig(_Section):
+    envs_per_actor: int = Field(1, ge=1, description="environments stepped in lockstep, one batched policy call")
+    fragment_length: int = Field(1, ge=1, description="steps per environment between updates of the learner")
+
+
+class ReplayConfig(_Section):
+    capacity: int = Field(1_000_000, ge=1, description="transitions kept (a ring buffer)")
+    updates_per_step: float = Field(1.0, gt=0, description="gradient updates per environment step (the UTD ratio)")
+
+
+class LearnerConfig(_Section):
+    learning_starts: int = Field(5000, ge=1, description="env steps of uniform random actions before updates")
+    checkpoint_every: int = Field(10_000, ge=1, description="updates between checkpoints")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(10_000, ge=1, description="env steps between evaluations")
+    episodes: int = Field(5, ge=0, description="deterministic episodes per evaluation (0: none)")
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("experiment", description="run name; the run directory is runs/<name>-<time>")
+    seed: int = 0
+    total_env_steps: int = Field(100_000, ge=1)
+    log_every_steps: int = Field(1000, ge=1, description="env steps between metric reports")
+    env: EnvConfig
+    algorithm: AnyAlgorithmConfig
+    actors: ActorsConfig = ActorsConfig()
+    replay: ReplayConfig = ReplayConfig()
+    learner: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+_UNION_TAGS = {"lqr", "gym", *ALGORITHMS}  # pydantic puts the chosen union member in error locations
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        loc = [str(p) for i, p in enumerate(item["loc"]) if not (i == 1 and p in _UNION_TAGS)]
+        key = ".".join(loc) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see the documented fields of this section)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        if "input" in item and item["type"] not in ("missing", "extra_forbidden") and not isinstance(
+                item["input"], dict):
+            message += f" (got {item['input']!r})"
+        parts.append(f"{key}: {message}")
+    return "; ".join(parts)
+
+
+def set_override(tree: dict[str, Any], assignment: str) -> None:
+    """Applies ``dotted.key=value`` to a nested dict; the value is parsed as YAML (``[[0.0],[1.0]]``, ``1e-3``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like key=value, e.g. algorithm.q_lr=1e-3")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: the value '{text}' is not valid YAML ({exc.problem})") from None
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file, or ConfigError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file '{path}' not found (give the path to a YAML file, "
+                          f"e.g. cluster/experiments/lqr-isfm.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (env:, algorithm:, ...)")
+    return tree
+
+
+def parse_experiment(tree: dict[str, Any]) -> ExperimentConfig:
+    """Validates a config tree: types and keys, then the checks that span sections."""
+    try:
+        config = ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    try:
+        if isinstance(config.env, LQREnvConfig):
+            e = config.env
+            check_lqr_system(e.A, e.B, e.Q, e.R, e.W, config.algorithm.gamma)
+        else:
+            check_env_id(config.env.id)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return config
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Reads an experiment YAML, applies ``key=value`` overrides and validates the result."""
+    tree = read_yaml(path)
+    for assignment in overrides:
+        set_override(tree, assignment)
+    return parse_experiment(tree)
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (what the run directory's config.yaml holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,68 @@
+"""The learner: replay batches in, algorithm updates out, with counters and atomic checkpoints.
+
+A plain class (Sample Factory's Learner): the serial driver calls it in-process; a process wrapper can own it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softflow.algorithms import Algorithm
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' means CUDA when a GPU is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Learner:
+    """Runs ``algorithm.update`` on stacked batches and counts updates."""
+
+    def __init__(self, algorithm: Algorithm, device: torch.device):
+        self.algorithm = algorithm
+        self.device = device
+        self.num_updates = 0
+
+    def update(self, batches: dict[str, np.ndarray]) -> dict[str, float]:
+        """One update per leading index of ``batches`` (arrays shaped (num_batches, batch_size, ...)); returns
+        the metrics averaged over them."""
+        tensors = {k: torch.as_tensor(v, device=self.device) for k, v in batches.items()}
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        num_batches = next(iter(batches.values())).shape[0]
+        for i in range(num_batches):
+            for key, value in self.algorithm.update({k: v[i] for k, v in tensors.items()}).items():
+                totals[key] = totals.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+        self.num_updates += num_batches
+        return {key: totals[key] / counts[key] for key in totals}
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file in the same directory, then an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=device, weights_only=False)
