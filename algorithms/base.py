@@ -5,6 +5,10 @@
 targets, the temperature alpha, the optimisers, and the update schedule (CleanRL's: the critic every update; every
 ``policy_frequency`` updates, ``policy_frequency`` policy steps, so policy and critic see the same number of steps).
 Subclasses build the policy and define ``policy_loss``.
+
+Each update draws ``samples_per_next_state`` actions at every next state s' in one flow solve, with their
+log-densities: the first serves the soft TD target, and all of them are handed to ``policy_loss``, so an algorithm
+that needs candidates (ISFM's importance weights) costs one solve per update, not two.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from softflow.algorithms.critics import CriticConfig, Temperature, TwinCritic
+from softflow.algorithms.policy import PolicySample
 from softflow.algorithms.squash import Squash
 
 
@@ -75,6 +80,7 @@ class SoftActorCritic(Algorithm):
     """Shared skeleton: soft policy evaluation with twin critics; subclasses supply the policy improvement."""
 
     policy: nn.Module
+    samples_per_next_state: int = 1
 
     def __init__(self, config: AlgorithmConfig, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,
                  device: str | torch.device = "cpu"):
@@ -100,31 +106,29 @@ class SoftActorCritic(Algorithm):
         """The policy network; its ``sample(obs, num_samples, with_log_prob, noise)`` returns a PolicySample."""
 
     @abc.abstractmethod
-    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(loss to minimise, detached entropy estimate for alpha, extra metrics) for a batch of states."""
-
-    def next_action(self, next_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a' ~ pi(.|s') and log pi(a'|s') for the soft TD target."""
-        sample = self.policy.sample(next_obs, with_log_prob=True)
-        return sample.action, sample.log_prob
+    def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(loss to minimise, detached entropy estimate for alpha, extra metrics). ``next_sample`` holds
+        ``samples_per_next_state`` draws of the policy at each ``batch["next_obs"]``, shape (B, N, d)."""
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         alpha = self.temperature.value
         with torch.no_grad():
-            next_action, next_log_prob = self.next_action(batch["next_obs"])
-        q_loss, q_mean = self.critic.td_loss(batch, next_action, next_log_prob, alpha, self.config.gamma)
+            next_sample = self.policy.sample(batch["next_obs"], self.samples_per_next_state, with_log_prob=True)
+        q_loss, q_mean = self.critic.td_loss(
+            batch, next_sample.action[:, 0], next_sample.log_prob[:, 0], alpha, self.config.gamma)
         self.q_optimizer.zero_grad()
         q_loss.backward()
         self.q_optimizer.step()
-        metrics = {"losses/q_loss": float(q_loss), "learner/q_mean": float(q_mean)}
+        metrics = {"losses/q_loss": q_loss.item(), "learner/q_mean": q_mean.item()}
         if self.num_updates % self.config.policy_frequency == 0:
             for _ in range(self.config.policy_frequency):
-                loss, entropy, extra = self.policy_loss(batch["obs"])
+                loss, entropy, extra = self.policy_loss(batch, next_sample)
                 self.policy_optimizer.zero_grad()
                 loss.backward()
                 self.policy_optimizer.step()
                 self.temperature.update(entropy)
-            metrics |= {"losses/policy_loss": float(loss), "learner/entropy": float(entropy), **extra}
+            metrics |= {"losses/policy_loss": loss.item(), "learner/entropy": entropy.item(), **extra}
         self.critic.update_targets(self.config.tau)
         self.num_updates += 1
         metrics["learner/alpha"] = self.temperature.value

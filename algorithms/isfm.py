@@ -10,6 +10,10 @@ with x_1^j the pre-squash latent of u_j, a fresh x_0 ~ N(0, I) and t ~ U[0, 1]. 
 Renyi divergence between successive policies, so the effective sample size (sum_j w_j)^2 / sum_j w_j^2, divided by
 M, is logged as ``learner/weight_ess`` (1 = proposal equals target). ``weight_temperature`` < 1 tempers the weights
 (w_j proportional to ratio_j^beta), a documented option for low ESS; the default 1 is the paper's estimator.
+
+Implementation choice: the states s are the batch's next states s', and the M candidates come from the same flow
+solve that gives the soft TD target its a' (the first candidate), so each update integrates the flow once. The
+weights stay correct because log pi(u_j|s) is the density of the policy that drew u_j.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
 from softflow.algorithms.flows import FlowPolicy, MLPVelocity
+from softflow.algorithms.policy import PolicySample
 from softflow.algorithms.squash import Squash
 
 
@@ -55,25 +60,26 @@ class ISFM(SoftActorCritic):
     def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> FlowPolicy:
         return make_flow_policy(self.config.flow, obs_dim, act_dim, squash)
 
-    def importance_weights(self, obs: torch.Tensor):
-        """Candidates u_j ~ pi(.|s) (shape (B, M, d)), their normalised weights (B, M) and log pi (B, M)."""
-        m = self.config.num_candidates
-        with torch.no_grad():
-            sample = self.policy.sample(obs, m, with_log_prob=True)
-            q = self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), sample.action)
-            log_ratio = q / self.temperature.value - sample.log_prob
-            weights = torch.softmax(self.config.weight_temperature * log_ratio, dim=1)
-        return sample, weights
+    @property
+    def samples_per_next_state(self) -> int:
+        return self.config.num_candidates
 
-    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        sample, weights = self.importance_weights(obs)
-        batch, m, d = sample.latent.shape
-        x1 = sample.latent
+    def policy_loss(self, batch: dict[str, torch.Tensor], candidates: PolicySample
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The weighted flow-matching loss at the next states s' of the batch, whose M candidates (drawn in the
+        same solve as the TD target's a') are reweighted by the critic as it is after this update's TD step."""
+        obs = batch["next_obs"]
+        batch_size, m, d = candidates.latent.shape
+        with torch.no_grad():
+            q = self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), candidates.action)
+            log_ratio = q / self.temperature.value - candidates.log_prob
+            weights = torch.softmax(self.config.weight_temperature * log_ratio, dim=1)
+        x1 = candidates.latent
         x0 = torch.randn_like(x1)
-        t = torch.rand(batch, m, 1, device=obs.device)
+        t = torch.rand(batch_size, m, 1, device=obs.device)
         xt = (1 - t) * x0 + t * x1
         v = self.policy.velocity(xt.reshape(-1, d), t.reshape(-1, 1), obs.repeat_interleave(m, dim=0))
-        sq_err = (v.reshape(batch, m, d) - (x1 - x0)).pow(2).sum(-1)
+        sq_err = (v.reshape(batch_size, m, d) - (x1 - x0)).pow(2).sum(-1)
         loss = (weights * sq_err).sum(1).mean()
         ess = (1.0 / weights.pow(2).sum(1)).mean() / m
-        return loss, -sample.log_prob.mean(), {"learner/weight_ess": float(ess)}
+        return loss, -candidates.log_prob.mean(), {"learner/weight_ess": ess.item()}

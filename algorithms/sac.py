@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
-from softflow.algorithms.policy import GaussianPolicy
+from softflow.algorithms.policy import GaussianPolicy, PolicySample
 from softflow.algorithms.squash import Squash
 
 
@@ -32,7 +32,9 @@ class SAC(SoftActorCritic):
         c = self.config
         return GaussianPolicy(obs_dim, act_dim, c.hidden, squash, c.log_std_min, c.log_std_max)
 
-    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        obs = batch["obs"]
         sample = self.policy.sample(obs, with_log_prob=True)
         q = self.critic.min_q(obs, sample.action)
         loss = (self.temperature.value * sample.log_prob - q).mean()
