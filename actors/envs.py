@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Annotated, Any, Literal, Union
 
 import gymnasium
@@ -47,8 +49,12 @@ EnvConfig = Annotated[
 
 
 def register_robotics_envs() -> None:
-    """Makes the gymnasium-robotics ids (FrankaKitchen-v1, ...) known to gymnasium.make."""
-    import gymnasium_robotics
+    """Makes the gymnasium-robotics ids (FrankaKitchen-v1, ...) known to gymnasium.make.
+
+    Importing gymnasium_robotics prints a version notice (farama_notifications) to stderr; it is swallowed so that
+    a bad ``env.id`` still ends with one line on stderr."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics
 
     gymnasium.register_envs(gymnasium_robotics)
 
@@ -56,7 +62,10 @@ def register_robotics_envs() -> None:
 def check_env_id(env_id: str) -> None:
     """Raises ValueError naming ``env.id`` when gymnasium does not know ``env_id``."""
     if env_id not in gymnasium.registry:
-        register_robotics_envs()
+        try:
+            register_robotics_envs()
+        except ImportError:  # gymnasium-robotics missing: only the plain gymnasium ids are known
+            pass
     if env_id not in gymnasium.registry:
         raise ValueError(f"env.id: unknown environment '{env_id}'; use 'LQR' or a registered gymnasium id "
                          f"such as 'HalfCheetah-v5' or 'FrankaKitchen-v1'")

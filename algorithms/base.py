@@ -40,6 +40,9 @@ class AlgorithmConfig(BaseModel):
     autotune_alpha: bool = Field(True, description="tune alpha towards target_entropy")
     target_entropy: float | None = Field(None, description="entropy target; default -|A|")
     alpha_lr: float = Field(1e-3, gt=0, description="learning rate of log(alpha)")
+    lr_final_fraction: float = Field(
+        1.0, gt=0, le=1, description="q_lr and policy_lr fall linearly to this fraction of themselves over the run "
+                                     "(1 = constant, CleanRL's anneal_lr idea)")
     critic: CriticConfig = CriticConfig()
 
 
@@ -51,6 +54,9 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
         """Actions for a batch of observations (B, obs_dim) -> (B, act_dim)."""
+
+    def set_progress(self, fraction: float) -> None:
+        """Tells the algorithm how far training is (0 at the start, 1 at the end of the budget), for schedules."""
 
     @abc.abstractmethod
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -100,6 +106,13 @@ class SoftActorCritic(Algorithm):
     @property
     def alpha(self) -> float:
         return self.temperature.value
+
+    def set_progress(self, fraction: float) -> None:
+        """Linear learning-rate annealing from the configured rates to ``lr_final_fraction`` of them."""
+        scale = 1.0 - min(max(fraction, 0.0), 1.0) * (1.0 - self.config.lr_final_fraction)
+        for optimizer, lr in ((self.q_optimizer, self.config.q_lr), (self.policy_optimizer, self.config.policy_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
 
     @abc.abstractmethod
     def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> nn.Module:

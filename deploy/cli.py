@@ -1,7 +1,7 @@
 """The ``softflow`` command.
 
     softflow train EXPERIMENT.yaml [key=value ...] [--run-dir DIR]
-    softflow bench learner [--updates N]
+    softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
 
 Bad input ends with one line on stderr naming what is wrong, and exit code 2.
 """
@@ -33,7 +33,8 @@ def _train(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from softflow.deploy.bench import bench_learner
 
-    print(json.dumps(bench_learner(updates=args.updates, batch_size=args.batch_size), indent=2))
+    print(json.dumps(bench_learner(updates=args.updates, batch_size=args.batch_size, repeats=args.repeats,
+                                   device=args.device, quick=args.quick), indent=2))
     return 0
 
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["learner"], help="learner: update and sampling costs")
     bench.add_argument("--updates", type=int, default=20, help="timed updates per algorithm")
     bench.add_argument("--batch-size", type=int, default=256)
+    bench.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--quick", action="store_true", help="2 updates, 1 repeat, no warm-up (for tests)")
     bench.set_defaults(func=_bench)
     return parser
 

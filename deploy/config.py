@@ -7,11 +7,12 @@ against ``algorithm.gamma``). Any problem raises ``ConfigError`` with one line t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from softflow.actors.envs import EnvConfig, LQREnvConfig, check_env_id
 from softflow.actors.lqr import check_lqr_system
@@ -39,7 +40,14 @@ class ReplayConfig(_Section):
 class LearnerConfig(_Section):
     learning_starts: int = Field(5000, ge=1, description="env steps of uniform random actions before updates")
     checkpoint_every: int = Field(10_000, ge=1, description="updates between checkpoints")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
 
 
 class EvalConfig(_Section):
@@ -60,24 +68,38 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
 
 
-_UNION_TAGS = {"lqr", "gym", *ALGORITHMS}  # pydantic puts the chosen union member in error locations
+# pydantic puts the chosen union member in error locations; an unknown key is named against that member
+_UNION_TAGS = {"lqr": "the LQR environment", "gym": "a gymnasium environment, which takes only id and kwargs",
+               **{name: f"algorithm '{name}'" for name in ALGORITHMS}}
 
 
 def _format_validation_error(error: ValidationError) -> str:
-    parts = []
+    parts: dict[str, list[str]] = {}  # message -> keys; unknown keys of one section share one message
     for item in error.errors():
+        tags = [p for i, p in enumerate(item["loc"]) if i == 1 and p in _UNION_TAGS]
         loc = [str(p) for i, p in enumerate(item["loc"]) if not (i == 1 and p in _UNION_TAGS)]
         key = ".".join(loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see the documented fields of this section)"
+            owner = f" for {_UNION_TAGS[tags[0]]}" if tags and len(loc) == 2 else ""
+            message = f"unknown key{owner} (check the spelling; see the documented fields of this section)"
         elif item["type"] == "missing":
             message = "required key is missing"
         if "input" in item and item["type"] not in ("missing", "extra_forbidden") and not isinstance(
                 item["input"], dict):
             message += f" (got {item['input']!r})"
-        parts.append(f"{key}: {message}")
-    return "; ".join(parts)
+        parts.setdefault(message, []).append(key)
+    lines = []
+    for message, keys in parts.items():
+        if len(keys) > 1:
+            message = message.replace("unknown key", "unknown keys")
+        lines.append(f"{', '.join(keys)}: {message}")
+    return "; ".join(lines)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The one-line problem of a YAML error (``str(exc)`` spans several lines with context and a caret)."""
+    return getattr(exc, "problem", None) or " ".join(str(exc).split())
 
 
 def set_override(tree: dict[str, Any], assignment: str) -> None:
@@ -85,10 +107,13 @@ def set_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override '{assignment}' must look like key=value, e.g. algorithm.q_lr=1e-3")
     key, text = assignment.split("=", 1)
+    if not all(key.split(".")):
+        raise ConfigError(f"override '{assignment}': the key before '=' must be a dotted name without empty "
+                          f"parts, e.g. algorithm.q_lr=1e-3")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: the value '{text}' is not valid YAML ({exc.problem})") from None
+        raise ConfigError(f"override {key}: the value '{text}' is not valid YAML ({_yaml_problem(exc)})") from None
     node = tree
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -106,11 +131,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"experiment file '{path}' not found (give the path to a YAML file, "
                           f"e.g. cluster/experiments/lqr-isfm.yaml)")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}: invalid YAML{where}: {_yaml_problem(exc)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (env:, algorithm:, ...)")
     return tree

@@ -23,7 +23,7 @@ from softflow.actors.evaluate import evaluate
 from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import make_algorithm
-from softflow.deploy.config import ExperimentConfig, dump_config
+from softflow.deploy.config import ConfigError, ExperimentConfig, dump_config
 from softflow.deploy.reports import lqr_report
 from softflow.learner.learner import Learner, resolve_device, rng_state, save_checkpoint
 
@@ -52,10 +52,13 @@ def seed_everything(seed: int) -> None:
 
 def train(config: ExperimentConfig, run_dir: Path, progress: bool = True) -> dict[str, float]:
     """Trains ``config`` and writes the run directory; returns the final report."""
+    try:
+        device = resolve_device(config.learner.device)
+    except ValueError as exc:
+        raise ConfigError(f"learner.device: {exc}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     seed_everything(config.seed)
-    device = resolve_device(config.learner.device)
 
     worker = RolloutWorker(lambda i: make_env(config.env), config.actors.envs_per_actor,
                            lambda obs, explore: algorithm.act(obs, explore), config.seed)
@@ -92,12 +95,16 @@ def train(config: ExperimentConfig, run_dir: Path, progress: bool = True) -> dic
             lengths += fragment.episode_lengths
             due = int(config.replay.updates_per_step * (worker.env_steps - starts)) - learner.num_updates
             if worker.env_steps >= starts and due > 0 and len(replay) >= batch_size:
-                update_metrics = learner.update(replay.sample(due, batch_size))
+                algorithm.set_progress(worker.env_steps / config.total_env_steps)
+                update_metrics |= learner.update(replay.sample(due, batch_size))
             if learner.num_updates >= next_checkpoint:
                 checkpoint()
                 next_checkpoint += config.learner.checkpoint_every
             if config.eval.episodes and worker.env_steps >= next_eval:
                 last_eval = evaluate(eval_env, algorithm.act, config.eval.episodes, seed=config.seed + 10_000)
+                if isinstance(config.env, LQREnvConfig):
+                    fit = lqr_report(algorithm, config.env, config.algorithm.gamma, 512, 16, config.seed)
+                    last_eval |= {"eval/lqr_rel_err_K": fit["rel_err_K"], "eval/lqr_rel_err_Sigma": fit["rel_err_Sigma"]}
                 next_eval += config.eval.every_steps
             if worker.env_steps >= next_log or worker.env_steps >= config.total_env_steps:
                 now = time.perf_counter()

@@ -17,10 +17,15 @@ from softflow.algorithms import Algorithm
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when a GPU is visible, else the CPU."""
+    """'auto' means CUDA when a GPU is visible, else the CPU; a device that is not there raises ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}': no CUDA device is available; use 'auto' or 'cpu'")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device '{name}' is not a torch device; use auto, cpu or cuda") from None
 
 
 class Learner:

@@ -136,3 +136,19 @@ def test_num_samples_layout_and_deterministic_noise():
     one_by_one = torch.stack([policy.sample(obs[i:i + 1], noise=torch.zeros(1, D)).action[0] for i in range(5)])
     assert torch.allclose(zero.action, one_by_one, atol=1e-6)
     assert np.isfinite(sample.log_prob.detach().numpy()).all()
+
+
+def test_mlp_closed_form_jacobian_matches_autograd():
+    torch.manual_seed(0)
+    velocity = MLPVelocity(OBS, 3, [16, 16], time_dim=8)
+    nn.init.normal_(velocity.net[-1].weight, std=0.5)
+    x, t, obs = torch.randn(5, 3), torch.rand(5, 1), torch.randn(5, OBS)
+    v, jac = velocity.forward_and_jacobian(x, t, obs)
+    generic_v, generic_jac = VelocityField.forward_and_jacobian(velocity, x, t, obs)
+    autograd_jac = torch.stack([torch.autograd.functional.jacobian(lambda xx: velocity(xx[None], t[i:i + 1],
+                                                                                        obs[i:i + 1])[0], x[i])
+                                for i in range(5)])
+    torch.testing.assert_close(v, velocity(x, t, obs))
+    torch.testing.assert_close(jac, autograd_jac)
+    torch.testing.assert_close(generic_jac, autograd_jac)
+    assert jac.abs().max() > 0.1

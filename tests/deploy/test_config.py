@@ -203,6 +203,7 @@ def test_unknown_algorithm_name():
 
 @pytest.mark.parametrize("overrides, key, words", [
     (["env.B=[[0.0,1.0,2.0]]"], "env.B", "rows"),
+    (["env.B=[[0.0],[1.0],[2.0]]"], "env.B", "has 3 rows but must have n = 2 rows"),
     (["env.A=[[1.0,0.1]]"], "env.A", "square"),
     (["env.A=[[1.0,0.1],[0.0]]"], "env.A", "2-D matrix"),
     (["env.Q=[[1.0]]"], "env.Q", "2x2"),
@@ -214,6 +215,16 @@ def test_inconsistent_matrix_shapes(overrides, key, words):
     message = config_error(load_experiment, EXPERIMENT, overrides)
     assert message.startswith(key), message
     assert words in message
+
+
+def test_not_stabilisable_integer_matrices():
+    # YAML integers are accepted as floats; with B = [[0],[1]] only the second state is actuated.
+    message = config_error(load_experiment, EXPERIMENT, ["env.A=[[2,0],[0,1]]", "env.B=[[0],[1]]"])
+    assert message.startswith("env.A, env.B: (A, B) is not stabilisable at gamma=0.9: the mode of A with "
+                              "eigenvalue 2 is unstable"), message
+    # With the modes swapped the unstable mode is the actuated one, and the marginal mode 1 is discounted-stable.
+    config = load_experiment(EXPERIMENT, ["env.A=[[1,0],[0,2]]", "env.B=[[0],[1]]"])
+    assert config.env.A == [[1.0, 0.0], [0.0, 2.0]] and config.env.B == [[0.0], [1.0]]
 
 
 def test_not_stabilisable():
@@ -261,7 +272,47 @@ def test_gym_env_with_lqr_keys_names_them():
     tree = read_yaml(EXPERIMENT)
     tree["env"]["id"] = "Pendulum-v1"
     message = config_error(parse_experiment, tree)
-    assert "env.A: unknown key" in message and "env.horizon: unknown key" in message
+    # The unknown keys of one section are listed once, with the reason they are unknown.
+    assert message.startswith("env.A, env.B, env.Q, env.R, env.W, env.horizon, env.init_std: unknown keys for a "
+                              "gymnasium environment, which takes only id and kwargs"), message
+    assert message.count("unknown key") == 1
+
+
+def test_switching_algorithm_by_name_alone_names_the_foreign_keys():
+    # algorithm.name=sac keeps the file's ISFM-only keys, which SAC does not have.
+    message = config_error(load_experiment, EXPERIMENT, ["algorithm.name=sac"])
+    assert message.startswith("algorithm.num_candidates, algorithm.flow: unknown keys for algorithm 'sac'"), message
+
+
+def test_switching_algorithm_by_replacing_the_section():
+    # A whole section is one override whose value is a YAML flow mapping; later dotted overrides apply on top.
+    config = load_experiment(EXPERIMENT, [
+        "algorithm={name: sac, gamma: 0.9, alpha: 0.05, autotune_alpha: false, hidden: [32, 32]}",
+        "algorithm.batch_size=16",
+    ])
+    algo = config.algorithm
+    assert algo.name == "sac" and algo.hidden == [32, 32] and algo.batch_size == 16
+    assert (algo.gamma, algo.alpha, algo.autotune_alpha) == (0.9, 0.05, False)
+    assert algo.q_lr == 1e-3  # the SAC default: nothing of the file's ISFM section is kept
+    assert not hasattr(algo, "num_candidates")
+
+
+def test_nested_unknown_key_inside_a_union_member_names_the_section_only():
+    message = config_error(load_experiment, EXPERIMENT, ["algorithm.flow.stepz=3", "algorithm.lrr=1"])
+    assert "algorithm.flow.stepz: unknown key (check the spelling" in message, message
+    assert "algorithm.lrr: unknown key for algorithm 'isfm'" in message, message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_learner_device_accepted(device):
+    assert load_experiment(EXPERIMENT, [f"learner.device={device}"]).learner.device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", "''"])
+def test_learner_device_rejected(device):
+    # Caught when the config is read, not by torch.device() after the run directory exists.
+    message = config_error(load_experiment, EXPERIMENT, [f"learner.device={device}"])
+    assert message.startswith("learner.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got "), message
 
 
 def test_registered_gymnasium_id_is_accepted():
@@ -276,6 +327,9 @@ def test_registered_gymnasium_id_is_accepted():
     ("algorithm.q_lr", "key=value"),
     ("algorithm.q_lr=[1", "algorithm.q_lr"),
     ("seed.x=1", "seed is a value"),
+    ("=5", "key before '='"),
+    ("algorithm..q_lr=1", "without empty parts"),
+    ("algorithm.=1", "without empty parts"),
 ])
 def test_malformed_override(override, words):
     message = config_error(load_experiment, EXPERIMENT, [override])
@@ -283,10 +337,28 @@ def test_malformed_override(override, words):
     assert override.split("=")[0] in message
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="source bug: read_yaml lets UnicodeDecodeError escape (deploy/config.py)")
 def test_non_utf8_file_is_a_config_error(tmp_path):
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe\x00binary")
     message = config_error(load_experiment, path)
-    assert str(path) in message
+    assert message == f"{path}: not a UTF-8 text file (byte 0: invalid start byte)"
+
+
+def test_control_character_is_a_one_line_yaml_error(tmp_path):
+    # yaml's ReaderError has no problem_mark and a multi-line str(); the message must still be one line.
+    path = tmp_path / "nul.yaml"
+    path.write_bytes(b"name: a\x00b\n")
+    message = config_error(load_experiment, path)
+    assert message.startswith(f"{path}: invalid YAML: unacceptable character #x0000"), message
+
+
+def test_unreadable_file_is_a_config_error(tmp_path, monkeypatch):
+    path = tmp_path / "locked.yaml"
+    path.write_text("name: x\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)  # chmod 000 does not stop root
+    message = config_error(load_experiment, path)
+    assert message == f"{path}: cannot be read (Permission denied)"

@@ -1,9 +1,13 @@
-"""Smoke tests of the serial training driver: a tiny real LQR run (ISFM, and SAC through the same registry) and
-the contents of its run directory: config.yaml, metrics.jsonl, checkpoints and lqr.json."""
+"""Smoke tests of ``softflow train``: a tiny real LQR run through the installed command in a subprocess (ISFM, and
+SAC by replacing the algorithm section in an override) and the contents of its run directory: config.yaml,
+metrics.jsonl, checkpoints, summary.json and lqr.json. Each run takes about 7 s, half of it importing torch."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,48 +20,45 @@ from softflow.actors.evaluate import evaluate
 from softflow.actors.lqr import soft_lqr_solution
 from softflow.actors.replay import ReplayBuffer
 from softflow.algorithms import make_algorithm
-from softflow.deploy.config import ExperimentConfig, parse_experiment, read_yaml, set_override
-from softflow.deploy.driver import train
+from softflow.deploy.config import dump_config, load_experiment, parse_experiment
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "cluster" / "experiments" / "lqr-isfm.yaml"
+SCRIPT = Path(sys.executable).with_name("softflow")
 
-TOTAL, STARTS, LOG_EVERY, UTD = 600, 200, 200, 0.25
+TOTAL, STARTS, LOG_EVERY, UTD, EVAL_EVERY, CHECKPOINT_EVERY = 300, 100, 100, 0.5, 150, 40
 TINY = [
     f"total_env_steps={TOTAL}", f"learner.learning_starts={STARTS}", f"log_every_steps={LOG_EVERY}",
-    "eval.every_steps=300", "eval.episodes=1", "learner.checkpoint_every=100", "algorithm.batch_size=32",
-    "env.horizon=20", f"replay.updates_per_step={UTD}", "learner.device=cpu",
+    f"eval.every_steps={EVAL_EVERY}", "eval.episodes=1", f"learner.checkpoint_every={CHECKPOINT_EVERY}",
+    "algorithm.batch_size=32", "env.horizon=20", f"replay.updates_per_step={UTD}", "learner.device=cpu",
 ]
-ISFM_ONLY = ["algorithm.num_candidates=4", "algorithm.flow.steps=3"]
+# Before TINY: the whole algorithm section is replaced (SAC has no flow or num_candidates), then TINY applies on top.
+ALGORITHM_OVERRIDES = {
+    "isfm": ["algorithm.num_candidates=4", "algorithm.flow.steps=3", "algorithm.flow.hidden=[32,32]"],
+    "sac": ["algorithm={name: sac, gamma: 0.9, alpha: 0.05, autotune_alpha: false, hidden: [32, 32]}"],
+}
 EXPECTED_UPDATES = int(UTD * (TOTAL - STARTS))
-
-
-def tiny_config(name: str) -> ExperimentConfig:
-    """The shipped experiment made tiny; for SAC the ISFM-only keys are dropped from the tree."""
-    tree = read_yaml(EXPERIMENT)
-    for assignment in TINY:
-        set_override(tree, assignment)
-    if name == "isfm":
-        for assignment in ISFM_ONLY:
-            set_override(tree, assignment)
-    else:
-        for key in ("num_candidates", "flow"):
-            del tree["algorithm"][key]
-        tree["algorithm"]["name"] = name
-    return parse_experiment(tree)
 
 
 @pytest.fixture(scope="module", params=["isfm", "sac"])
 def run(request, tmp_path_factory):
-    """(config, run_dir, summary) of one tiny training run per algorithm."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        config = tiny_config(request.param)
-        assert config.algorithm.name == request.param
-        run_dir = tmp_path_factory.mktemp(request.param) / "run"
-        summary = train(config, run_dir, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    """(config, run_dir, summary) of one tiny ``softflow train`` run per algorithm."""
+    overrides = [*ALGORITHM_OVERRIDES[request.param], *TINY]
+    config = load_experiment(EXPERIMENT, overrides)
+    assert config.algorithm.name == request.param
+    cwd = tmp_path_factory.mktemp(request.param)
+    run_dir = cwd / "run"
+    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "softflow.deploy.cli"]
+    result = subprocess.run(
+        [*command, "train", str(EXPERIMENT), *overrides, "--run-dir", str(run_dir), "--no-progress"],
+        cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    first, _, rest = result.stdout.partition("\n")
+    assert first == f"softflow: training 'lqr-isfm' ({request.param} on LQR); run directory {run_dir}"
+    summary = json.loads(rest)  # the final report, printed as JSON after the first line
+    assert not (cwd / "runs").exists()  # --run-dir replaces the default runs/<name>-<time>
     return config, run_dir, summary
 
 
@@ -73,12 +74,25 @@ def test_smoke_summary(run):
     assert summary["env_steps"] == TOTAL and summary["updates"] == EXPECTED_UPDATES
     assert summary["eval/episode_length"] == config.env.horizon
     assert np.isfinite(summary["eval/episode_return"]) and summary["eval/episode_return"] < 0  # LQR rewards < 0
-    assert json.loads((run_dir / "summary.json").read_text()) == pytest.approx(summary)
+    assert json.loads((run_dir / "summary.json").read_text()) == summary  # what the command printed
 
 
-def test_smoke_config_yaml_round_trips(run):
+def test_smoke_config_yaml_has_the_overrides_and_reloads(run):
     config, run_dir, _ = run
-    assert parse_experiment(yaml.safe_load((run_dir / "config.yaml").read_text())) == config
+    text = (run_dir / "config.yaml").read_text()
+    assert text == dump_config(config)
+    assert parse_experiment(yaml.safe_load(text)) == config
+    again = load_experiment(run_dir / "config.yaml")  # an experiment file in its own right
+    assert again == config
+    assert (again.total_env_steps, again.learner.learning_starts, again.log_every_steps) == (TOTAL, STARTS, LOG_EVERY)
+    assert (again.algorithm.batch_size, again.env.horizon, again.replay.updates_per_step) == (32, 20, UTD)
+    assert again.learner.device == "cpu" and again.eval.episodes == 1
+    assert again.env.A == [[1.0, 0.1], [0.0, 0.9]] and again.algorithm.gamma == 0.9  # the file's own values
+    if config.algorithm.name == "isfm":
+        assert again.algorithm.flow.steps == 3 and again.algorithm.flow.hidden == [32, 32]
+        assert again.algorithm.num_candidates == 4 and again.algorithm.q_lr == 3e-3
+    else:
+        assert again.algorithm.hidden == [32, 32] and again.algorithm.q_lr == 1e-3  # SAC's default
 
 
 def test_smoke_metrics_jsonl(run):
@@ -87,21 +101,29 @@ def test_smoke_metrics_jsonl(run):
     steps = [row["env_steps"] for row in rows]
     assert all(type(s) is int for s in steps)
     assert steps == list(range(LOG_EVERY, TOTAL + 1, LOG_EVERY))  # one report per log_every_steps, increasing
-    required = {"train/episode_return", "learner/updates", "losses/q_loss", "actors/env_steps_per_s",
-                "replay/size"}
-    if config.algorithm.name == "isfm":
-        required.add("learner/weight_ess")
-    assert required <= set().union(*rows)
-    assert required <= set(rows[-1])  # after learning starts every report carries the learner's metrics
+    always = {"env_steps", "train/episode_return", "train/episode_length", "learner/updates",
+              "learner/updates_per_s", "actors/env_steps_per_s", "replay/size"}
+    learner = {"losses/q_loss", "learner/q_mean", "learner/alpha"}
+    if config.algorithm.name == "isfm":  # policy_frequency 1: every update also steps the policy
+        learner |= {"losses/policy_loss", "learner/entropy", "learner/weight_ess"}
+    evaluation = {"eval/episode_return", "eval/episode_length"}
+    # No updates before learning_starts and no evaluation before eval.every_steps; evaluations at 150 and 300.
+    assert always <= set(rows[0]) and not [k for k in rows[0] if k.startswith(("losses/", "eval/"))], rows[0]
+    assert not learner & set(rows[0])
+    assert always | learner | evaluation <= set(rows[1]) and always | learner | evaluation <= set(rows[2])
     for row in rows:
         s = row["env_steps"]
         assert row["learner/updates"] == max(0, int(UTD * (s - STARTS)))
         assert row["replay/size"] == s  # capacity 100000: nothing is evicted
         assert row["actors/env_steps_per_s"] > 0
+        assert (row["learner/updates_per_s"] > 0) == (s > STARTS)
         # horizon 20 divides every report interval: each report saw whole episodes of exactly 20 steps
         assert row["train/episode_length"] == config.env.horizon
+        assert row["train/episode_return"] < 0  # LQR rewards are negative
         assert all(np.isfinite(v) for k, v in row.items() if isinstance(v, float)), row
-    assert "losses/q_loss" not in rows[0]  # no updates before learning_starts
+    for row in rows[1:]:
+        assert row["learner/alpha"] == pytest.approx(config.algorithm.alpha)  # autotune_alpha is off
+        assert row["eval/episode_length"] == config.env.horizon and row["eval/episode_return"] < 0
     if config.algorithm.name == "isfm":
         ess = [row["learner/weight_ess"] for row in rows if "learner/weight_ess" in row]
         assert ess and all(0.0 < e <= 1.0 + 1e-6 for e in ess)  # normalised effective sample size
@@ -131,6 +153,9 @@ def test_smoke_checkpoints(run):
 def test_smoke_lqr_json(run):
     config, run_dir, summary = run
     report = json.loads((run_dir / "lqr.json").read_text())
+    assert set(report) == {"alpha", "gamma", "K", "Sigma", "bias", "K_star", "Sigma_star", "P", "rel_err_K",
+                           "rel_err_Sigma", "num_states", "samples_per_state"}
+    assert (report["num_states"], report["samples_per_state"]) == (2048, 32) and len(report["bias"]) == 1
     K, Sigma = np.array(report["K"]), np.array(report["Sigma"])
     K_star, Sigma_star = np.array(report["K_star"]), np.array(report["Sigma_star"])
     assert K.shape == (1, 2) and K_star.shape == (1, 2)
@@ -149,3 +174,4 @@ def test_smoke_lqr_json(run):
     optimum = soft_lqr_solution(e.A, e.B, e.Q, e.R, config.algorithm.gamma, report["alpha"])
     np.testing.assert_allclose(K_star, optimum.K, rtol=1e-12)
     np.testing.assert_allclose(Sigma_star, optimum.Sigma, rtol=1e-12)
+    np.testing.assert_allclose(report["P"], optimum.P, rtol=1e-12)
