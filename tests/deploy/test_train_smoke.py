@@ -90,7 +90,7 @@ def test_smoke_config_yaml_has_the_overrides_and_reloads(run):
     assert again.env.A == [[1.0, 0.1], [0.0, 0.9]] and again.algorithm.gamma == 0.9  # the file's own values
     if config.algorithm.name == "isfm":
         assert again.algorithm.flow.steps == 3 and again.algorithm.flow.hidden == [32, 32]
-        assert again.algorithm.num_candidates == 4 and again.algorithm.q_lr == 3e-3
+        assert again.algorithm.num_candidates == 4 and again.algorithm.q_lr == yaml.safe_load(EXPERIMENT.read_text())["algorithm"]["q_lr"]  # the file's own value
     else:
         assert again.algorithm.hidden == [32, 32] and again.algorithm.q_lr == 1e-3  # SAC's default
 
