@@ -1,10 +1,16 @@
-"""Environment configs and the environment factory: the LQR case study or any registered gymnasium Box env."""
+"""Environment configs and the environment factory: the LQR case study or any registered gymnasium Box env.
+
+MuJoCo ids (``HalfCheetah-v5``, ...) come from gymnasium, ``FrankaKitchen-v1`` from gymnasium-robotics. Kitchen envs
+are wrapped in :class:`TaskCompletionInfo`, which adds ``tasks_completed`` and ``success`` to every info dict.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Annotated, Any, Literal, Union
+import re
+from collections.abc import Collection, Iterable
+from typing import Annotated, Any, Literal, SupportsFloat, Union
 
 import gymnasium
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -71,8 +77,69 @@ def check_env_id(env_id: str) -> None:
                          f"such as 'HalfCheetah-v5' or 'FrankaKitchen-v1'")
 
 
+def completed_tasks(completed: frozenset[str], step_completions: Iterable[str],
+                    goal_tasks: Collection[str]) -> frozenset[str]:
+    """The goal tasks completed so far: ``completed`` plus those of ``goal_tasks`` completed in this step."""
+    return completed | (frozenset(step_completions) & frozenset(goal_tasks))
+
+
+class TaskCompletionInfo(gymnasium.Wrapper):
+    """Adds to the info of every reset and step of a FrankaKitchen env:
+
+    * ``tasks_completed`` (int): distinct tasks of ``tasks_to_complete`` completed so far this episode;
+    * ``success`` (bool): all of them completed.
+
+    KitchenEnv reports each step's completions in ``info["step_task_completions"]``. Its
+    ``info["episode_task_completions"]`` is one list that the env clears on reset, so a kept final info would
+    empty itself; this wrapper hands out a copy instead."""
+
+    def __init__(self, env: gymnasium.Env) -> None:
+        super().__init__(env)
+        self.goal_tasks = frozenset(env.unwrapped.goal)  # KitchenEnv.goal maps each task to its target
+        self._completed: frozenset[str] = frozenset()
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        self._completed = frozenset()
+        return obs, self._with_counts(info)
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._completed = completed_tasks(self._completed, info.get("step_task_completions", ()), self.goal_tasks)
+        return obs, reward, terminated, truncated, self._with_counts(info)
+
+    def _with_counts(self, info: dict[str, Any]) -> dict[str, Any]:
+        info = dict(info)
+        if "episode_task_completions" in info:
+            info["episode_task_completions"] = list(info["episode_task_completions"])
+        info["tasks_completed"] = len(self._completed)
+        info["success"] = self._completed == self.goal_tasks
+        return info
+
+
+def is_kitchen(env_id: str) -> bool:
+    """Whether ``env_id`` names a FrankaKitchen env."""
+    return env_id.startswith("FrankaKitchen")
+
+
+def _make_gym_env(config: GymEnvConfig) -> gymnasium.Env:
+    """``gymnasium.make``, with a constructor's TypeError about its kwargs turned into one ``env.kwargs:`` line."""
+    try:
+        return gymnasium.make(config.id, **config.kwargs)
+    except TypeError as error:
+        unexpected = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+        if unexpected:
+            raise ValueError(f"env.kwargs: {config.id} has no argument '{unexpected.group(1)}'") from error
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"env.kwargs: {config.id} rejected {sorted(config.kwargs)}: {first_line}") from error
+
+
 def make_env(config: LQREnvConfig | GymEnvConfig) -> gymnasium.Env:
+    """Builds the env that ``config`` describes (kitchen envs wrapped in :class:`TaskCompletionInfo`)."""
     if isinstance(config, LQREnvConfig):
         return LQREnv(config.A, config.B, config.Q, config.R, config.W, config.horizon, config.init_std)
     check_env_id(config.id)
-    return gymnasium.make(config.id, **config.kwargs)
+    env = _make_gym_env(config)
+    if is_kitchen(config.id):
+        env = TaskCompletionInfo(env)
+    return env

@@ -52,8 +52,8 @@ class Algorithm(abc.ABC):
     config: AlgorithmConfig
 
     @abc.abstractmethod
-    def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
-        """Actions for a batch of observations (B, obs_dim) -> (B, act_dim)."""
+    def act(self, obs: np.ndarray, explore: bool, candidates: int = 1) -> np.ndarray:
+        """Actions for a batch of observations (B, obs_dim) -> (B, act_dim); best of ``candidates`` by Q."""
 
     def set_progress(self, fraction: float) -> None:
         """Tells the algorithm how far training is (0 at the start, 1 at the end of the budget), for schedules."""
@@ -93,7 +93,9 @@ class SoftActorCritic(Algorithm):
         self.config = config
         self.device = torch.device(device)
         act_dim = len(action_low)
-        self.policy = self.build_policy(obs_dim, act_dim, Squash(action_low, action_high)).to(self.device)
+        # copies: arrays that arrive through Ray are read-only, which torch warns about
+        squash = Squash(np.array(action_low, dtype=np.float32), np.array(action_high, dtype=np.float32))
+        self.policy = self.build_policy(obs_dim, act_dim, squash).to(self.device)
         self.critic = TwinCritic(config.critic, obs_dim, act_dim).to(self.device)
         target_entropy = -float(act_dim) if config.target_entropy is None else config.target_entropy
         self.temperature = Temperature(config.alpha, config.autotune_alpha, target_entropy, config.alpha_lr)
@@ -148,10 +150,21 @@ class SoftActorCritic(Algorithm):
         return metrics
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
+    def act(self, obs: np.ndarray, explore: bool, candidates: int = 1) -> np.ndarray:
+        """Best-of-N acting: draw ``candidates`` actions per state, execute the one with the highest min(Q1, Q2).
+
+        With one candidate this is plain sampling (``explore``) or the deterministic action (the flow's path from
+        x_0 = 0, the Gaussian's mean); with several, the candidates are random draws in both modes and the critic
+        picks, so evaluation, acting and the policy server share this one selection rule.
+        """
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        noise = None if explore else torch.zeros(obs_t.shape[0], self.policy.act_dim, device=self.device)
-        return self.policy.sample(obs_t, noise=noise).action.cpu().numpy()
+        if candidates == 1:
+            noise = None if explore else torch.zeros(obs_t.shape[0], self.policy.act_dim, device=self.device)
+            return self.policy.sample(obs_t, noise=noise).action.cpu().numpy()
+        actions = self.policy.sample(obs_t, candidates).action
+        q = self.critic.min_q(obs_t.unsqueeze(1).expand(-1, candidates, -1), actions)
+        best = q.argmax(dim=1)
+        return actions[torch.arange(obs_t.shape[0], device=self.device), best].cpu().numpy()
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -25,7 +25,7 @@ from softflow.algorithms import make_algorithm
 from softflow.algorithms.isfm import ISFMConfig
 from softflow.algorithms.sac import SACConfig
 from softflow.deploy.config import ConfigError
-from softflow.learner.learner import resolve_device
+from softflow.learner.learner import learner_device
 
 OBS_DIM, ACT_DIM = 17, 6
 SAMPLE_STATES = 64
@@ -68,10 +68,9 @@ def bench_learner(updates: int = 20, batch_size: int = 256, repeats: int = 5, de
         updates, repeats = QUICK_UPDATES, QUICK_REPEATS
     if repeats < 1 or updates < 1 or batch_size < 1:
         raise ConfigError("--updates, --repeats and --batch-size must be positive")
-    try:
-        dev = resolve_device(device)
-    except ValueError as exc:
-        raise ConfigError(f"--device: {exc}") from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible here; use auto or cpu")
+    dev = learner_device({"auto": "auto", "cpu": 0, "cuda": 1}[device])
     warmup = 0 if quick else 1
     per_block = max(2, 2 * round(updates / repeats / 2))
     low, high = -np.ones(ACT_DIM, dtype=np.float32), np.ones(ACT_DIM, dtype=np.float32)

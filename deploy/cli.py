@@ -1,6 +1,7 @@
 """The ``softflow`` command.
 
-    softflow train EXPERIMENT.yaml [key=value ...] [--run-dir DIR]
+    softflow train EXPERIMENT.yaml [key=value ...] [--run-dir DIR] [--address ADDR]
+    softflow train --resume RUN_DIR [key=value ...]
     softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
 
 Bad input ends with one line on stderr naming what is wrong, and exit code 2.
@@ -22,10 +23,24 @@ def _train(args: argparse.Namespace) -> int:
     from softflow.deploy.config import load_experiment
     from softflow.deploy.driver import default_run_dir, train
 
-    config = load_experiment(args.experiment, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
-    print(f"softflow: training '{config.name}' ({config.algorithm.name} on {config.env.id}); run directory {run_dir}")
-    summary = train(config, run_dir, progress=not args.no_progress)
+    if args.resume:
+        run_dir = Path(args.resume)
+        overrides = [args.experiment, *args.overrides] if args.experiment else args.overrides
+        if not (run_dir / "checkpoints" / "latest.pt").is_file():
+            raise ConfigError(f"--resume {run_dir}: no checkpoint there (expected {run_dir}/checkpoints/latest.pt); "
+                              f"give the run directory of a run that wrote a checkpoint")
+        config = load_experiment(run_dir / "config.yaml", overrides)
+        if config.actors.count == 0:
+            raise ConfigError("--resume works with the Ray runtime (actors.count >= 1); serial runs start afresh")
+    elif args.experiment is None:
+        raise ConfigError("give an experiment file (e.g. cluster/experiments/inverted-pendulum.yaml) "
+                          "or --resume RUN_DIR")
+    else:
+        config = load_experiment(args.experiment, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    verb = "resuming" if args.resume else "training"
+    print(f"softflow: {verb} '{config.name}' ({config.algorithm.name} on {config.env.id}); run directory {run_dir}")
+    summary = train(config, run_dir, progress=not args.no_progress, address=args.address, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -43,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment")
-    train.add_argument("experiment", help="experiment YAML, e.g. cluster/experiments/lqr-isfm.yaml")
+    train.add_argument("experiment", nargs="?", help="experiment YAML, e.g. cluster/experiments/lqr-isfm.yaml")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.q_lr=1e-3")
     train.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
     train.add_argument("--no-progress", action="store_true", help="no live progress display")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    train.add_argument("--address", help="Ray cluster to join ('auto' or host:port; RAY_ADDRESS works too); "
+                                         "default: start Ray on this machine")
     train.set_defaults(func=_train)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")

@@ -7,9 +7,8 @@ against ``algorithm.gamma``). Any problem raises ``ConfigError`` with one line t
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,26 +27,41 @@ class _Section(BaseModel):
 
 
 class ActorsConfig(_Section):
+    count: int = Field(2, ge=0, description="rollout actors (Ray processes); 0 runs everything in this process "
+                                           "without Ray (serial mode, for debugging and the LQR case study)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per rollout actor (fractions share a core)")
     envs_per_actor: int = Field(1, ge=1, description="environments stepped in lockstep, one batched policy call")
-    fragment_length: int = Field(1, ge=1, description="steps per environment between updates of the learner")
+    fragment_length: int = Field(1, ge=1, description="steps per environment in one fragment sent to the replay")
+    candidates: int = Field(1, ge=1, description="best-of-N acting: actions sampled per state, the argmax of "
+                                                 "min(Q1, Q2) is executed (1: plain sampling)")
 
 
 class ReplayConfig(_Section):
     capacity: int = Field(1_000_000, ge=1, description="transitions kept (a ring buffer)")
-    updates_per_step: float = Field(1.0, gt=0, description="gradient updates per environment step (the UTD ratio)")
+    updates_per_step: float = Field(1.0, gt=0, description="gradient updates per environment step (the UTD ratio), "
+                                                           "held by a rate limiter whatever the number of actors")
+    ratio_tolerance: float | None = Field(
+        None, gt=0, description="how many updates the learner may run ahead of or behind the ratio before it or "
+                                "the actors wait (Reverb's error_buffer); default: the smallest deadlock-free value")
 
 
 class LearnerConfig(_Section):
     learning_starts: int = Field(5000, ge=1, description="env steps of uniform random actions before updates")
     checkpoint_every: int = Field(10_000, ge=1, description="updates between checkpoints")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    publish_every: int = Field(50, ge=1, description="updates between weight broadcasts to the actors")
+    batches_per_request: int = Field(4, ge=1, description="batches fetched from the replay actor per request "
+                                                          "(two requests are kept in flight)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the learner actor")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs for the learner: 'auto' takes one when the machine or cluster has one, 0 runs on "
+                            "the CPU; more than 0 with no GPU is an error")
 
-    @field_validator("device")
+    @field_validator("num_gpus", mode="before")
     @classmethod
-    def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        return value
+    def _auto_or_non_negative(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError("must be 'auto' or a number >= 0")
 
 
 class EvalConfig(_Section):

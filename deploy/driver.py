@@ -9,6 +9,7 @@ ReplayBuffer, and the Learner makes ``replay.updates_per_step`` updates per envi
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from datetime import datetime
@@ -25,7 +26,7 @@ from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, dump_config
 from softflow.deploy.reports import lqr_report
-from softflow.learner.learner import Learner, resolve_device, rng_state, save_checkpoint
+from softflow.learner.learner import Learner, learner_device, rng_state, save_checkpoint
 
 
 class MetricsLog:
@@ -50,12 +51,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: ExperimentConfig, run_dir: Path, progress: bool = True) -> dict[str, float]:
-    """Trains ``config`` and writes the run directory; returns the final report."""
+def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, address: str | None = None,
+          resume: bool = False) -> dict[str, float]:
+    """Trains ``config`` and writes the run directory; returns the final report. ``actors.count: 0`` runs
+    serially in this process; otherwise on Ray (embedded, or the cluster at ``address``)."""
+    if config.actors.count == 0:
+        return train_serial(config, run_dir, progress)
+    return train_on_ray(config, run_dir, progress, address, resume)
+
+
+def train_on_ray(config: ExperimentConfig, run_dir: Path, progress: bool, address: str | None,
+                 resume: bool) -> dict[str, float]:
+    import ray
+
+    from softflow.deploy.runtime import LearnerDied, Runtime
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
+                 configure_logging=True, log_to_driver=True)
     try:
-        device = resolve_device(config.learner.device)
+        if not resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(config))
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        with _progress(progress) as bar:
+            task = bar.add_task("train", total=config.total_env_steps, info="")
+
+            def show(env_steps: int, report: dict[str, float]) -> None:
+                info = f"return {report.get('train/episode_return', float('nan')):9.2f}  " \
+                       f"updates/s {report['learner/updates_per_s']:6.1f}"
+                bar.update(task, completed=env_steps, info=info)
+
+            runtime = Runtime(config, run_dir, log, resume=resume)
+            summary = runtime.run(show)
+    except LearnerDied as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        if started_here:
+            ray.shutdown()
+    if "lqr" in summary:
+        report = summary.pop("lqr")
+        (run_dir / "lqr.json").write_text(json.dumps(report, indent=2))
+        summary |= {"lqr/rel_err_K": report["rel_err_K"], "lqr/rel_err_Sigma": report["rel_err_Sigma"]}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_serial(config: ExperimentConfig, run_dir: Path, progress: bool) -> dict[str, float]:
+    """Serial mode: the same data flow in one process, with no Ray (Sample Factory's serial mode)."""
+    try:
+        device = learner_device(config.learner.num_gpus)
     except ValueError as exc:
-        raise ConfigError(f"learner.device: {exc}") from None
+        raise ConfigError(str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     seed_everything(config.seed)

@@ -16,16 +16,16 @@ import torch
 from softflow.algorithms import Algorithm
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when a GPU is visible, else the CPU; a device that is not there raises ValueError."""
-    if name == "auto":
+def learner_device(num_gpus: float | str) -> torch.device:
+    """The learner's torch device for ``learner.num_gpus``: 'auto' is CUDA when a GPU is visible, 0 the CPU, more
+    than 0 CUDA (ValueError when there is none)."""
+    if num_gpus == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}': no CUDA device is available; use 'auto' or 'cpu'")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device '{name}' is not a torch device; use auto, cpu or cuda") from None
+    if num_gpus == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"learner.num_gpus={num_gpus:g} but no CUDA device is visible here; use 'auto' or 0")
+    return torch.device("cuda")
 
 
 class Learner:
@@ -39,7 +39,7 @@ class Learner:
     def update(self, batches: dict[str, np.ndarray]) -> dict[str, float]:
         """One update per leading index of ``batches`` (arrays shaped (num_batches, batch_size, ...)); returns
         the metrics averaged over them."""
-        tensors = {k: torch.as_tensor(v, device=self.device) for k, v in batches.items()}
+        tensors = {k: torch.tensor(v, device=self.device) for k, v in batches.items()}  # Ray's arrays are read-only
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         num_batches = next(iter(batches.values())).shape[0]

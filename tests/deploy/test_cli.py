@@ -63,8 +63,8 @@ BAD_INPUTS = [
     ("unknown-algorithm", EXPERIMENT, ["algorithm.name=foo"], "algorithm: Input tag 'foo' found using 'name'"),
     ("algorithm-switch-by-name", EXPERIMENT, ["algorithm.name=sac"],
      "algorithm.num_candidates, algorithm.flow: unknown keys for algorithm 'sac'"),
-    ("bad-device", EXPERIMENT, ["learner.device=gpu"],
-     "learner.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got 'gpu')"),
+    ("bad-num-gpus", EXPERIMENT, ["learner.num_gpus=gpu"],
+     "learner.num_gpus: must be 'auto' or a number >= 0 (got 'gpu')"),
     ("unknown-gym-id", EXPERIMENT, ["env={id: NoSuchEnv-v0}"], "env.id: unknown environment 'NoSuchEnv-v0'"),
 ]
 
@@ -115,11 +115,11 @@ def test_cuda_device_without_cuda_is_a_usage_error(tmp_path, monkeypatch, capsys
     # A valid name for a device that is not there: caught by train() before it creates the run directory.
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
-    returncode = main(["train", str(EXPERIMENT), "learner.device=cuda", "--run-dir", str(run_dir), "--no-progress"])
+    returncode = main(["train", str(EXPERIMENT), "learner.num_gpus=1", "--run-dir", str(run_dir), "--no-progress"])
     captured = capsys.readouterr()
     assert captured.out.startswith("softflow: training 'lqr-isfm'")  # the banner comes before train()
     check_usage_error(returncode, "", captured.err, tmp_path, run_dir)
-    assert captured.err.startswith("softflow: error: learner.device: ") and "no CUDA device" in captured.err
+    assert captured.err.startswith("softflow: error: learner.num_gpus=1 but no CUDA device")
 
 
 def run_cli(tmp_path: Path, experiment: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:

@@ -29,7 +29,7 @@ TOTAL, STARTS, LOG_EVERY, UTD, EVAL_EVERY, CHECKPOINT_EVERY = 300, 100, 100, 0.5
 TINY = [
     f"total_env_steps={TOTAL}", f"learner.learning_starts={STARTS}", f"log_every_steps={LOG_EVERY}",
     f"eval.every_steps={EVAL_EVERY}", "eval.episodes=1", f"learner.checkpoint_every={CHECKPOINT_EVERY}",
-    "algorithm.batch_size=32", "env.horizon=20", f"replay.updates_per_step={UTD}", "learner.device=cpu",
+    "algorithm.batch_size=32", "env.horizon=20", f"replay.updates_per_step={UTD}", "learner.num_gpus=0",
 ]
 # Before TINY: the whole algorithm section is replaced (SAC has no flow or num_candidates), then TINY applies on top.
 ALGORITHM_OVERRIDES = {
@@ -86,7 +86,7 @@ def test_smoke_config_yaml_has_the_overrides_and_reloads(run):
     assert again == config
     assert (again.total_env_steps, again.learner.learning_starts, again.log_every_steps) == (TOTAL, STARTS, LOG_EVERY)
     assert (again.algorithm.batch_size, again.env.horizon, again.replay.updates_per_step) == (32, 20, UTD)
-    assert again.learner.device == "cpu" and again.eval.episodes == 1
+    assert again.learner.num_gpus == 0 and again.eval.episodes == 1
     assert again.env.A == [[1.0, 0.1], [0.0, 0.9]] and again.algorithm.gamma == 0.9  # the file's own values
     if config.algorithm.name == "isfm":
         assert again.algorithm.flow.steps == 3 and again.algorithm.flow.hidden == [32, 32]

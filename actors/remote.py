@@ -1,0 +1,153 @@
+"""The process-side classes of the runtime: a rollout actor, the replay-buffer actor and the evaluator.
+
+Each is a plain class (usable and tested in one process); the driver wraps them with ``ray.remote`` and chooses
+their resources and restart policies, so Ray appears only where a process boundary is crossed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softflow.actors.envs import make_env
+from softflow.actors.evaluate import evaluate
+from softflow.actors.fragment import Fragment
+from softflow.actors.rate_limiter import SampleToInsertRatio
+from softflow.actors.replay import ReplayBuffer
+from softflow.actors.rollout import RolloutWorker
+from softflow.algorithms import make_algorithm
+
+Weights = tuple[int, dict[str, Any]]
+
+
+class RolloutActor:
+    """Steps ``envs_per_actor`` environments with best-of-N acting from the newest weights it was handed.
+
+    ``run`` returns the fragment (its transitions go to the replay actor as a value the driver owns, so a dead actor
+    takes no stored data with it) and a small summary the driver reads (episode returns, policy version).
+    """
+
+    def __init__(self, env_config, algorithm_config, envs_per_actor: int, candidates: int, seed: int):
+        torch.set_num_threads(1)
+        self.worker = RolloutWorker(lambda i: make_env(env_config), envs_per_actor, self._act, seed)
+        low, high = self.worker.action_space.low.reshape(-1), self.worker.action_space.high.reshape(-1)
+        self.algorithm = make_algorithm(algorithm_config, self.worker.obs_dim, low, high, "cpu")
+        self.candidates = candidates
+        torch.manual_seed(seed)
+
+    def _act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
+        return self.algorithm.act(obs, explore, self.candidates)
+
+    def spaces(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(obs_dim, action low, action high), flattened."""
+        space = self.worker.action_space
+        return self.worker.obs_dim, space.low.reshape(-1), space.high.reshape(-1)
+
+    def set_weights(self, weights: Weights) -> None:
+        version, state = weights
+        self.algorithm.load_policy_weights(state)
+        self.worker.policy_version = version
+
+    def run(self, num_steps: int, random_actions: bool, weights: Weights | None = None
+            ) -> tuple[Fragment, dict[str, Any]]:
+        """Loads ``weights`` when given (between fragments), then steps ``num_steps`` times per environment."""
+        if weights is not None:
+            self.set_weights(weights)
+        fragment = self.worker.run(num_steps, random_actions=random_actions)
+        summary = {"transitions": len(fragment), "policy_version": fragment.policy_version,
+                   "episode_returns": fragment.episode_returns, "episode_lengths": fragment.episode_lengths,
+                   "episode_infos": fragment.episode_infos}
+        return fragment, summary
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class ReplayActor:
+    """The replay buffer behind a samples-per-insert rate limiter (Reverb's SampleToInsertRatio).
+
+    Inserts count transitions and samples count updates, so ``updates_per_step`` holds whatever the number of
+    actors: ``sample`` answers ``None`` while the learner is ahead (it waits), and the driver holds actors back
+    while ``insert_allowance`` is too small. When ``save_path`` holds a saved buffer, the actor starts from it, so
+    a replay actor that Ray restarts after a crash carries on from its last save.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, updates_per_step: float, min_size: int,
+                 tolerance: float, seed: int, save_path: str | None = None):
+        self.save_path = Path(save_path) if save_path else None
+        self.limiter = SampleToInsertRatio(updates_per_step, min_size, tolerance)
+        if self.save_path is not None and self.save_path.exists():
+            self.buffer = ReplayBuffer.load(self.save_path)
+            self.limiter.load_state_dict(json.loads(self._limiter_path().read_text()))
+        else:
+            self.buffer = ReplayBuffer(capacity, obs_dim, act_dim, seed=seed)
+        self._start = time.perf_counter()
+        self._mark = (self._start, self.limiter.inserts, self.limiter.samples)
+
+    def _limiter_path(self) -> Path:
+        return self.save_path.with_name(self.save_path.name + ".limiter.json")
+
+    def add(self, fragment: Fragment) -> dict[str, float]:
+        self.buffer.add(fragment)
+        self.limiter.insert(len(fragment))
+        return self.status()
+
+    def sample(self, num_batches: int, batch_size: int) -> dict[str, np.ndarray] | None:
+        """``num_batches`` batches, or ``None`` when the rate limiter says the learner must wait for data."""
+        if not self.limiter.can_sample(num_batches):
+            return None
+        self.limiter.sample(num_batches)
+        return self.buffer.sample(num_batches, batch_size)
+
+    def status(self) -> dict[str, float]:
+        """Counters and rates since the last call (``replay/`` metrics) and the current insert allowance."""
+        now = time.perf_counter()
+        then, inserts, samples = self._mark
+        elapsed = max(now - then, 1e-9)
+        self._mark = (now, self.limiter.inserts, self.limiter.samples)
+        return {"replay/size": len(self.buffer), "replay/inserts": self.limiter.inserts,
+                "replay/samples": self.limiter.samples,
+                "replay/inserts_per_s": (self.limiter.inserts - inserts) / elapsed,
+                "replay/samples_per_s": (self.limiter.samples - samples) / elapsed,
+                "insert_allowance": self.limiter.insert_allowance()}
+
+    def save(self) -> None:
+        """Writes the buffer and the limiter's counters next to each other (each file atomically)."""
+        self.save_path.parent.mkdir(parents=True, exist_ok=True)
+        self.buffer.save(self.save_path)
+        tmp = self._limiter_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.limiter.state_dict()))
+        os.replace(tmp, self._limiter_path())
+
+    def contents(self) -> dict[str, np.ndarray]:
+        """The stored transitions in slot order (for tests and checks)."""
+        n = len(self.buffer)
+        return {name: getattr(self.buffer, name)[:n].copy() for name in ("obs", "actions", "rewards", "terminated")}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class Evaluator:
+    """Runs evaluation episodes with given weights in its own process, so training never stops for them."""
+
+    def __init__(self, env_config, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray,
+                 candidates: int, seed: int):
+        torch.set_num_threads(1)
+        self.env = make_env(env_config)
+        self.algorithm = make_algorithm(algorithm_config, obs_dim, low, high, "cpu")
+        self.candidates = candidates
+        self.seed = seed
+
+    def evaluate(self, weights: Weights, episodes: int) -> dict[str, float]:
+        version, state = weights
+        self.algorithm.load_policy_weights(state)
+        result = evaluate(self.env, lambda obs, explore: self.algorithm.act(obs, explore, self.candidates),
+                          episodes, seed=self.seed)
+        return {**result, "eval/policy_version": version}

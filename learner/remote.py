@@ -1,0 +1,108 @@
+"""The learner process: pulls batches from the replay actor, updates, and publishes weights.
+
+``LearnerActor`` wraps the plain :class:`~softflow.learner.learner.Learner` (Sample Factory's split): the driver
+calls ``train`` again and again; each call runs up to ``publish_every`` updates, then publishes the weights with one
+``ray.put`` and returns metrics and the ``(version, reference)`` pair the driver hands to the actors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from softflow.algorithms import make_algorithm
+from softflow.learner.learner import Learner, learner_device, load_checkpoint, save_checkpoint
+
+SAMPLE_REQUESTS_IN_FLIGHT = 2
+WAIT_POLL_S = 0.002
+
+
+class LearnerActor:
+    """The learner loop of the runtime; ``replay`` is the replay actor's handle."""
+
+    def __init__(self, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray, num_gpus: float | str,
+                 replay, batch_size: int, batches_per_request: int, seed: int,
+                 checkpoint: str | None = None):
+        torch.manual_seed(seed)
+        self.device = learner_device(num_gpus)
+        self.algorithm = make_algorithm(algorithm_config, obs_dim, low, high, self.device)
+        self.learner = Learner(self.algorithm, self.device)
+        self.replay = replay
+        self.batch_size = batch_size
+        self.batches_per_request = batches_per_request
+        self.version = 0
+        self.extra: dict[str, Any] = {}
+        if checkpoint is not None:
+            state = load_checkpoint(Path(checkpoint), self.device)
+            self.algorithm.load_state_dict(state["algorithm"])
+            self.learner.num_updates = state["updates"]
+            self.version = state["version"]
+            self.extra = state["driver"]
+        self.requests: deque = deque()
+        self.wait_s = 0.0
+        self.update_s = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """Where the learner runs, and the driver's counters restored from a checkpoint."""
+        name = str(self.device) if self.device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return {"device": name, "updates": self.learner.num_updates, "version": self.version, "driver": self.extra}
+
+    def publish(self) -> list:
+        """``[version, reference]``: the weights actors need, put once into the object store (kept in a list so
+        that Ray hands the driver the reference, not the value)."""
+        self.version += 1
+        return [self.version, ray.put((self.version, self.algorithm.policy_weights()))]
+
+    def _next_batches(self, deadline: float) -> dict[str, np.ndarray] | None:
+        """The next batches from the replay actor, keeping requests in flight; None if none came by ``deadline``."""
+        while True:
+            while len(self.requests) < SAMPLE_REQUESTS_IN_FLIGHT:
+                self.requests.append(self.replay.sample.remote(self.batches_per_request, self.batch_size))
+            start = time.perf_counter()
+            batches = ray.get(self.requests.popleft())
+            if batches is not None:
+                return batches
+            time.sleep(WAIT_POLL_S)
+            self.wait_s += time.perf_counter() - start
+            if time.perf_counter() > deadline:
+                return None
+
+    def train(self, max_updates: int, progress: float, max_seconds: float = 1.0) -> dict[str, Any]:
+        """Up to ``max_updates`` updates (fewer if the rate limiter holds the learner for ``max_seconds``), then one
+        weight publication. ``progress`` (0..1 of the env-step budget) drives learning-rate schedules."""
+        self.algorithm.set_progress(progress)
+        start = time.perf_counter()
+        self.wait_s = 0.0
+        done, totals = 0, {}
+        while done < max_updates:
+            batches = self._next_batches(start + max_seconds)
+            if batches is None:
+                break
+            metrics = self.learner.update(batches)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * len(batches["rewards"])
+            done += len(batches["rewards"])
+        elapsed = time.perf_counter() - start
+        metrics = {key: value / done for key, value in totals.items()} if done else {}
+        metrics |= {"learner/updates": self.learner.num_updates, "learner/wait_fraction": self.wait_s / elapsed}
+        return {"updates": done, "seconds": elapsed, "metrics": metrics,
+                "weights": self.publish() if done else None}
+
+    def save_checkpoint(self, path: str, driver_state: dict[str, Any]) -> None:
+        """Networks, optimisers, alpha, counters, RNG states and the driver's counters, written atomically."""
+        save_checkpoint(Path(path), {"algorithm": self.algorithm.state_dict(), "updates": self.learner.num_updates,
+                                     "version": self.version, "driver": driver_state,
+                                     "torch_rng": torch.get_rng_state()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.algorithm.state_dict()
+
+    def pid(self) -> int:
+        return os.getpid()

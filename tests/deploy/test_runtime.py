@@ -1,0 +1,131 @@
+"""The Ray runtime end to end: real actors, object store, MuJoCo physics and processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from softflow.deploy.config import parse_experiment
+from softflow.deploy.driver import train
+from softflow.deploy.runtime import Runtime
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_runtime():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def experiment(**sections) -> dict:
+    """A small, fast SAC run on InvertedPendulum-v5; ``sections`` replace or extend parts of it."""
+    tree = {
+        "name": "runtime-test", "seed": 0, "total_env_steps": 600, "log_every_steps": 100,
+        "env": {"id": "InvertedPendulum-v5"},
+        "algorithm": {"name": "sac", "batch_size": 32, "hidden": [32, 32], "critic": {"hidden": [32, 32]}},
+        "actors": {"count": 2, "num_cpus": 0.5, "envs_per_actor": 2, "fragment_length": 10, "candidates": 2},
+        "replay": {"capacity": 10_000, "updates_per_step": 0.5},
+        "learner": {"learning_starts": 100, "checkpoint_every": 100, "publish_every": 10,
+                    "batches_per_request": 2, "num_gpus": 0, "num_cpus": 0.5},
+        "eval": {"every_steps": 300, "episodes": 1},
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree[key], **value} if isinstance(value, dict) else value
+    return tree
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_actors_replay_and_learner_train_on_mujoco(tmp_path):
+    config = parse_experiment(experiment())
+    summary = train(config, tmp_path, progress=False)
+    rows = metrics(tmp_path)
+    assert summary["env_steps"] == 600 and rows[-1]["env_steps"] == 600
+    # both actors delivered, whole fragments of 2 envs x 10 steps, and the learner ran and published weights
+    assert rows[-1]["replay/size"] == 600
+    assert summary["updates"] > 0 and rows[-1]["weights/version"] > 1
+    assert 0 <= rows[-1]["weights/version_lag"] < 10
+    assert "eval/episode_return" in summary and "losses/q_loss" in rows[-1]
+    assert (tmp_path / "checkpoints" / "latest.pt").is_file() and (tmp_path / "checkpoints" / "replay.npz").is_file()
+
+
+@pytest.mark.parametrize("actors", [1, 3])
+def test_rate_limiter_holds_the_update_to_data_ratio(tmp_path, actors):
+    utd, starts, tolerance = 0.5, 100, 20.0
+    config = parse_experiment(experiment(actors={"count": actors}, total_env_steps=1200,
+                                         replay={"ratio_tolerance": tolerance}))
+    train(config, tmp_path, progress=False)
+    for row in metrics(tmp_path):
+        inserts, samples = row["replay/inserts"], row["replay/samples"]
+        if inserts >= starts:
+            assert abs(samples - utd * (inserts - starts)) <= tolerance + 1e-6, row
+    last = metrics(tmp_path)[-1]
+    assert last["replay/samples"] >= utd * (last["replay/inserts"] - starts) - tolerance
+
+
+def test_killed_rollout_actor_is_restarted_and_the_run_completes(tmp_path):
+    config = parse_experiment(experiment(total_env_steps=2000))
+    runtime = Runtime(config, tmp_path, log=_NoLog())
+    victim = runtime.actor_pids()[0]
+    killer = threading.Timer(3.0, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    summary = runtime.run(lambda steps, report: None)
+    killer.join()
+    assert summary["env_steps"] == 2000
+    assert summary["actors/restarts"] >= 1
+    assert summary["actors/lost_transitions"] % 20 == 0  # whole fragments of 2 envs x 10 steps
+    assert victim not in runtime.actor_pids()
+
+
+def test_resume_continues_counters_and_the_buffer(tmp_path):
+    first = parse_experiment(experiment(total_env_steps=600))
+    train(first, tmp_path, progress=False)
+    saved = np.load(tmp_path / "checkpoints" / "replay.npz")
+    saved_rewards, saved_updates = saved["rewards"].copy(), metrics(tmp_path)[-1]["learner/updates"]
+
+    second = parse_experiment(experiment(total_env_steps=1200))
+    summary = train(second, tmp_path, progress=False, resume=True)
+    rows = metrics(tmp_path)
+    steps = [row["env_steps"] for row in rows]
+    assert steps == sorted(steps) and steps[-1] == 1200 and 600 in steps
+    assert rows[-1]["learner/updates"] > saved_updates
+    assert summary["env_steps"] == 1200
+    resumed = np.load(tmp_path / "checkpoints" / "replay.npz")
+    np.testing.assert_array_equal(resumed["rewards"][:600], saved_rewards)
+    assert len(resumed["rewards"]) == 1200
+
+
+def test_franka_kitchen_steps_through_the_runtime_and_reports_tasks(tmp_path):
+    config = parse_experiment(experiment(
+        env={"id": "FrankaKitchen-v1", "kwargs": {"tasks_to_complete": ["microwave"], "max_episode_steps": 20}},
+        actors={"count": 1, "envs_per_actor": 1, "fragment_length": 20}, total_env_steps=200,
+        learner={"learning_starts": 200}, eval={"episodes": 0}))
+    train(config, tmp_path, progress=False)
+    rows = metrics(tmp_path)
+    assert rows[-1]["env_steps"] == 200
+    completed = [row["train/tasks_completed"] for row in rows if "train/tasks_completed" in row]
+    assert completed and all(value == 0.0 for value in completed)  # random arm motions open no microwave
+
+
+def test_a_config_the_cluster_cannot_place_fails_fast(tmp_path):
+    from softflow.deploy.config import ConfigError
+
+    config = parse_experiment(experiment(actors={"count": 8, "num_cpus": 1}))
+    with pytest.raises(ConfigError, match=r"needs 8.5 CPUs but the Ray cluster has 4"):
+        train(config, tmp_path, progress=False)
+
+
+class _NoLog:
+    def write(self, env_steps: int, metrics: dict) -> None:
+        pass
