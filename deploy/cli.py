@@ -2,6 +2,7 @@
 
     softflow train EXPERIMENT.yaml [key=value ...] [--run-dir DIR] [--address ADDR]
     softflow train --resume RUN_DIR [key=value ...]
+    softflow evaluate RUN_DIR_OR_CHECKPOINT [--episodes N]
     softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
 
 Bad input ends with one line on stderr naming what is wrong, and exit code 2.
@@ -45,6 +46,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from softflow.deploy.policies import evaluate_policy
+
+    print(json.dumps(evaluate_policy(args.path, args.episodes, args.seed), indent=2))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from softflow.deploy.bench import bench_learner
 
@@ -66,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster to join ('auto' or host:port; RAY_ADDRESS works too); "
                                          "default: start Ray on this machine")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained policy (JSON on stdout)")
+    evaluate.add_argument("path", help="a run directory or a checkpoint file")
+    evaluate.add_argument("--episodes", type=int, default=10, help="deterministic evaluation episodes")
+    evaluate.add_argument("--seed", type=int, default=20_000, help="seed of the first episode")
+    evaluate.set_defaults(func=_evaluate)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
     bench.add_argument("what", choices=["learner"], help="learner: update and sampling costs")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from softflow.actors.envs import EnvConfig, LQREnvConfig, check_env_id
 from softflow.actors.lqr import check_lqr_system
 from softflow.algorithms import ALGORITHMS, AnyAlgorithmConfig
+from softflow.deploy.metrics import WandbConfig
 
 
 class ConfigError(Exception):
@@ -80,6 +81,7 @@ class ExperimentConfig(_Section):
     replay: ReplayConfig = ReplayConfig()
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
+    wandb: WandbConfig = WandbConfig()
 
 
 # pydantic puts the chosen union member in error locations; an unknown key is named against that member
@@ -187,3 +189,9 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentCo
 def dump_config(config: ExperimentConfig) -> str:
     """The resolved config as YAML (what the run directory's config.yaml holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def checkpoint_meta(config: ExperimentConfig, obs_dim: int, low, high) -> dict[str, Any]:
+    """What a checkpoint stores besides the learner state, so that it loads as a policy on its own."""
+    return {"config": config.model_dump(mode="json"),
+            "spaces": {"obs_dim": int(obs_dim), "low": [float(x) for x in low], "high": [float(x) for x in high]}}

@@ -34,6 +34,7 @@ import re
 import secrets
 import shlex
 import string
+import sys
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -249,7 +250,7 @@ class MetricsLogger:
             self._run, self.mode, fallback_reason = self._start_wandb(config, wandb_config, self.mode)
         info_lines, self.status_line = self._describe(fallback_reason)
         (self.run_dir / WANDB_INFO_FILE).write_text("\n".join(info_lines) + "\n")
-        print(self.status_line)
+        print(self.status_line, file=sys.stderr)
 
     def _start_wandb(self, config: dict, wandb_config: WandbConfig, mode: str):
         """Starts the W&B run; returns it, the mode it runs in, and why online fell back to offline (or None)."""

@@ -12,6 +12,7 @@ they are. Actors that die are restarted by Ray (``max_restarts``) and rejoin wit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from softflow.actors.envs import LQREnvConfig
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
 from softflow.algorithms import make_algorithm
-from softflow.deploy.config import ConfigError, ExperimentConfig
+from softflow.deploy.config import ConfigError, ExperimentConfig, checkpoint_meta
 from softflow.deploy.reports import lqr_report
 from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, LearnerActor
 
@@ -108,10 +109,9 @@ def ratio_tolerance(config: ExperimentConfig) -> float:
 class Runtime:
     """Builds the actors of one run and drives them until the env-step budget is spent."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: Path, log, resume: bool = False):
+    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False):
         self.config = config
         self.run_dir = run_dir
-        self.log = log
         self.checkpoint_path = run_dir / "checkpoints" / "latest.pt"
         self.counters = Counters(next_log=config.log_every_steps, next_eval=config.eval.every_steps,
                                  next_checkpoint=config.learner.checkpoint_every)
@@ -131,7 +131,8 @@ class Runtime:
         self.learner = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus,
                                                         max_restarts=0).remote(
             c.algorithm, self.obs_dim, self.low, self.high, gpus, self.replay, c.algorithm.batch_size,
-            c.learner.batches_per_request, c.seed, str(self.checkpoint_path) if resume else None)
+            c.learner.batches_per_request, c.seed, checkpoint_meta(c, self.obs_dim, self.low, self.high),
+            str(self.checkpoint_path) if resume else None)
         self.evaluator = ray.remote(Evaluator).options(num_cpus=0).remote(
             c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates, c.seed + 10_000)
         described = ray.get(self.learner.describe.remote())
@@ -144,7 +145,8 @@ class Runtime:
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
-    def run(self, progress_update) -> dict[str, Any]:
+    def run(self, report: Callable[[int, dict[str, float]], None]) -> dict[str, Any]:
+        """Drives the run to ``total_env_steps``; ``report(env_steps, metrics)`` gets each metrics record."""
         c, n = self.config, self.counters
         chunk = c.actors.fragment_length * c.actors.envs_per_actor
         pending = 0  # transitions of runs submitted but not yet in the replay buffer
@@ -188,9 +190,7 @@ class Runtime:
                 self.checkpoint()
                 n.next_checkpoint += c.learner.checkpoint_every
             if n.env_steps >= n.next_log or n.env_steps >= c.total_env_steps:
-                report = window.report(self.weights[0], self.status, n)
-                self.log.write(n.env_steps, report)
-                progress_update(n.env_steps, report)
+                report(n.env_steps, window.report(self.weights[0], self.status, n))
                 window = Window()
                 n.next_log += c.log_every_steps
         self._learner_result(learner_task)

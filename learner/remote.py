@@ -28,7 +28,7 @@ class LearnerActor:
     """The learner loop of the runtime; ``replay`` is the replay actor's handle."""
 
     def __init__(self, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray, num_gpus: float | str,
-                 replay, batch_size: int, batches_per_request: int, seed: int,
+                 replay, batch_size: int, batches_per_request: int, seed: int, meta: dict[str, Any],
                  checkpoint: str | None = None):
         torch.manual_seed(seed)
         self.device = learner_device(num_gpus)
@@ -38,6 +38,7 @@ class LearnerActor:
         self.batch_size = batch_size
         self.batches_per_request = batches_per_request
         self.version = 0
+        self.meta = meta
         self.extra: dict[str, Any] = {}
         if checkpoint is not None:
             state = load_checkpoint(Path(checkpoint), self.device)
@@ -96,10 +97,11 @@ class LearnerActor:
                 "weights": self.publish() if done else None}
 
     def save_checkpoint(self, path: str, driver_state: dict[str, Any]) -> None:
-        """Networks, optimisers, alpha, counters, RNG states and the driver's counters, written atomically."""
-        save_checkpoint(Path(path), {"algorithm": self.algorithm.state_dict(), "updates": self.learner.num_updates,
-                                     "version": self.version, "driver": driver_state,
-                                     "torch_rng": torch.get_rng_state()})
+        """Networks, optimisers, alpha, counters, RNG state, the driver's counters and ``meta`` (the config and
+        the spaces, so that a checkpoint file alone can be loaded as a policy), written atomically."""
+        save_checkpoint(Path(path), {**self.meta, "algorithm": self.algorithm.state_dict(),
+                                     "updates": self.learner.num_updates, "version": self.version,
+                                     "driver": driver_state, "torch_rng": torch.get_rng_state()})
 
     def state_dict(self) -> dict[str, Any]:
         return self.algorithm.state_dict()

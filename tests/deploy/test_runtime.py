@@ -76,7 +76,7 @@ def test_rate_limiter_holds_the_update_to_data_ratio(tmp_path, actors):
 
 def test_killed_rollout_actor_is_restarted_and_the_run_completes(tmp_path):
     config = parse_experiment(experiment(total_env_steps=2000))
-    runtime = Runtime(config, tmp_path, log=_NoLog())
+    runtime = Runtime(config, tmp_path)
     victim = runtime.actor_pids()[0]
     killer = threading.Timer(3.0, os.kill, (victim, signal.SIGKILL))
     killer.start()
@@ -125,7 +125,3 @@ def test_a_config_the_cluster_cannot_place_fails_fast(tmp_path):
     with pytest.raises(ConfigError, match=r"needs 8.5 CPUs but the Ray cluster has 4"):
         train(config, tmp_path, progress=False)
 
-
-class _NoLog:
-    def write(self, env_steps: int, metrics: dict) -> None:
-        pass

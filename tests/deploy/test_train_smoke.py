@@ -135,8 +135,8 @@ def test_smoke_checkpoints(run):
     assert latest.is_file() and replay_path.is_file()
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
     state = torch.load(latest, weights_only=False, map_location="cpu")
-    assert {"algorithm", "env_steps", "updates"} <= set(state)
-    assert state["env_steps"] == TOTAL and state["updates"] == EXPECTED_UPDATES
+    assert {"algorithm", "driver", "updates", "config", "spaces"} <= set(state)
+    assert state["driver"]["env_steps"] == TOTAL and state["updates"] == EXPECTED_UPDATES
     assert state["algorithm"]["num_updates"] == EXPECTED_UPDATES
     assert state["config"] == config.model_dump(mode="json")
     replay = ReplayBuffer.load(replay_path)

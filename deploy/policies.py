@@ -1,0 +1,88 @@
+"""Trained policies out of a run: ``softflow.load_policy`` and ``softflow evaluate``.
+
+A checkpoint holds the experiment config and the spaces next to the learner state (``checkpoint_meta``), so a
+checkpoint file alone rebuilds its policy; a run directory stands for its ``checkpoints/latest.pt``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softflow.actors.envs import make_env
+from softflow.actors.evaluate import evaluate
+from softflow.algorithms import Algorithm, make_algorithm
+from softflow.deploy.config import ConfigError, parse_experiment
+from softflow.learner.learner import load_checkpoint
+
+
+class Policy:
+    """A trained policy for inference on the CPU: ``sample`` draws actions, ``act`` picks by best-of-N.
+
+    ``candidates`` is the run's ``actors.candidates``: ``act`` samples that many actions per state and executes the
+    one with the highest min(Q1, Q2), the same rule as the rollout actors and the evaluator.
+    """
+
+    def __init__(self, algorithm: Algorithm, candidates: int, config: dict[str, Any]):
+        self.algorithm = algorithm
+        self.candidates = candidates
+        self.config = config
+
+    def _batch(self, obs: np.ndarray) -> tuple[np.ndarray, bool]:
+        obs = np.asarray(obs, dtype=np.float32)
+        return (obs[None], True) if obs.ndim == 1 else (obs, False)
+
+    @torch.no_grad()
+    def sample(self, obs: np.ndarray, num_samples: int = 1) -> np.ndarray:
+        """``num_samples`` actions per state: (obs_dim,) -> (N, act_dim), (B, obs_dim) -> (B, N, act_dim)."""
+        batch, single = self._batch(obs)
+        actions = self.algorithm.policy.sample(torch.as_tensor(batch), num_samples).action.numpy()
+        return actions[0] if single else actions
+
+    def act(self, obs: np.ndarray, explore: bool = False) -> np.ndarray:
+        """The best-of-N action: (obs_dim,) -> (act_dim,), (B, obs_dim) -> (B, act_dim)."""
+        batch, single = self._batch(obs)
+        actions = self.algorithm.act(batch, explore, self.candidates)
+        return actions[0] if single else actions
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the run directory's ``checkpoints/latest.pt``; ConfigError if none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt"
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}: give a run directory (runs/NAME-TIME) or a checkpoint file "
+                          f"(runs/NAME-TIME/checkpoints/latest.pt)")
+    return path
+
+
+def load_policy(path: str | Path) -> Policy:
+    """The policy of a run directory or checkpoint file, on the CPU."""
+    file = checkpoint_path(path)
+    try:
+        state = load_checkpoint(file, "cpu")
+        spaces, config = state["spaces"], parse_experiment(state["config"])
+    except (KeyError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{file} is not a softflow checkpoint ({type(exc).__name__}: {exc})") from None
+    algorithm = make_algorithm(config.algorithm, spaces["obs_dim"], np.array(spaces["low"], dtype=np.float32),
+                               np.array(spaces["high"], dtype=np.float32), "cpu")
+    algorithm.load_state_dict(state["algorithm"])
+    return Policy(algorithm, config.actors.candidates, state["config"])
+
+
+def evaluate_policy(path: str | Path, episodes: int, seed: int = 20_000) -> dict[str, Any]:
+    """Runs ``episodes`` deterministic evaluation episodes of a saved policy; returns a JSON-ready summary."""
+    if episodes < 1:
+        raise ConfigError(f"--episodes must be at least 1 (got {episodes})")
+    policy = load_policy(path)
+    config = parse_experiment(policy.config)
+    env = make_env(config.env)
+    result = evaluate(env, lambda obs, explore: policy.act(obs, explore), episodes, seed)
+    env.close()
+    return {"checkpoint": str(checkpoint_path(path)), "env": config.env.id, "algorithm": config.algorithm.name,
+            "episodes": episodes, "candidates": policy.candidates, **result}
