@@ -13,10 +13,18 @@ log|det df_k/dx| by the
 first-order term of its expansion, tr(df_k/dx - I) ~ dt tr(J_v), estimated with one Rademacher probe eps as
 eps^T (df_k/dx - I) eps: the instantaneous change of variables, log p(x_1) = log N(x_0) - int_0^1 tr(dv/dx) dt,
 integrated with the solver's own quadrature (FFJORD's estimator). The squashing correction is added by ``Squash``.
+
+Guard. A learned Euler step can fold space: det(I + dt J) crosses zero, most often at the last step of a narrow
+policy, whose step maps x_t to the predicted endpoint and legitimately contracts almost to a point. At a fold the
+change of variables no longer holds and log|det| runs to -inf, which makes log pi +inf and the soft TD target -inf.
+Each step's exact log|det| is therefore floored at ``d * STEP_LOG_DET_FLOOR`` (a step may shrink volume by at most
+1e-3 per dimension), the flow's counterpart of SAC's log-std floor. Densities of the affine (Gaussian) flows in the
+tests are far from the floor.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -29,6 +37,7 @@ from softflow.algorithms.squash import Squash
 
 Integrator = Literal["euler", "midpoint"]
 LogProbMethod = Literal["exact", "hutchinson"]
+STEP_LOG_DET_FLOOR = math.log(1e-3)
 
 
 class TimeEmbedding(nn.Module):
@@ -125,16 +134,18 @@ class FlowPolicy(nn.Module):
         """One step and log|det d step / dx| (exact) or its Hutchinson first-order estimate, per sample.
 
         Exact, by the chain rule on the velocity Jacobians J: Euler I + dt J(x); midpoint, with
-        y = x + dt/2 v(x), I + dt J(y) (I + dt/2 J(x))."""
+        y = x + dt/2 v(x), I + dt J(y) (I + dt/2 J(x)); floored as the module docstring says."""
         if self.log_prob_method == "exact":
             dt = 1.0 / self.steps
-            eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+            d = x.shape[-1]
+            eye = torch.eye(d, dtype=x.dtype, device=x.device)
             v, jac = self.velocity.forward_and_jacobian(x, t, obs)
             if self.integrator == "euler":
-                return x + dt * v, torch.linalg.slogdet(eye + dt * jac).logabsdet
-            v_mid, jac_mid = self.velocity.forward_and_jacobian(x + 0.5 * dt * v, t + 0.5 * dt, obs)
-            step_jac = eye + dt * jac_mid @ (eye + 0.5 * dt * jac)
-            return x + dt * v_mid, torch.linalg.slogdet(step_jac).logabsdet
+                x_next, step_jac = x + dt * v, eye + dt * jac
+            else:
+                v_mid, jac_mid = self.velocity.forward_and_jacobian(x + 0.5 * dt * v, t + 0.5 * dt, obs)
+                x_next, step_jac = x + dt * v_mid, eye + dt * jac_mid @ (eye + 0.5 * dt * jac)
+            return x_next, torch.linalg.slogdet(step_jac).logabsdet.clamp(min=d * STEP_LOG_DET_FLOOR)
         probe = torch.randint_like(x, 2) * 2 - 1
         x_next, tangent = jvp(lambda xx: self.step(xx, t, obs), (x,), (probe,))
         return x_next, (probe * (tangent - probe)).sum(-1)

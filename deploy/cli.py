@@ -4,8 +4,11 @@
     softflow train --resume RUN_DIR [key=value ...]
     softflow evaluate RUN_DIR_OR_CHECKPOINT [--episodes N]
     softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
+    softflow bench runtime [EXPERIMENT.yaml [key=value ...]] [--seconds S]
+    softflow bench rllib [--env ENV] [--seconds S] [--batch-size B] [--updates-per-step R]
 
-Bad input ends with one line on stderr naming what is wrong, and exit code 2.
+Bad input ends with one line on stderr naming what is wrong, and exit code 2; a run that cannot go on (its learner
+died) ends with one line saying how to resume it, and exit code 1.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from softflow.deploy.config import ConfigError
+from softflow.deploy.config import ConfigError, RunStopped
 
 USAGE_ERROR = 2
 
@@ -54,10 +57,22 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from softflow.deploy.bench import bench_learner
+    if args.what == "rllib":
+        from softflow.deploy.bench_rllib import bench_rllib
 
-    print(json.dumps(bench_learner(updates=args.updates, batch_size=args.batch_size, repeats=args.repeats,
-                                   device=args.device, quick=args.quick), indent=2))
+        report = bench_rllib(args.env, seconds=args.seconds or 120.0, batch_size=args.batch_size,
+                             updates_per_step=args.updates_per_step)
+    elif args.what == "runtime":
+        from softflow.deploy.bench_runtime import bench_runtime
+        from softflow.deploy.config import load_experiment
+
+        report = bench_runtime(load_experiment(args.experiment, args.overrides), seconds=args.seconds or 10.0)
+    else:
+        from softflow.deploy.bench import bench_learner
+
+        report = bench_learner(updates=args.updates, batch_size=args.batch_size, repeats=args.repeats,
+                               device=args.device, quick=args.quick)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -82,7 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_evaluate)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["learner"], help="learner: update and sampling costs")
+    bench.add_argument("what", choices=["learner", "runtime", "rllib"],
+                       help="learner: update and sampling costs; runtime: the Ray runtime's costs against the same "
+                            "loops alone, for an experiment file; rllib: softflow's SAC against RLlib's SAC for the "
+                            "same wall time")
+    bench.add_argument("experiment", nargs="?", default="cluster/experiments/inverted-pendulum.yaml",
+                       help="runtime only: the experiment to measure (default: the Quickstart experiment)")
+    bench.add_argument("overrides", nargs="*", help="runtime only: key=value overrides of the experiment")
+    bench.add_argument("--seconds", type=float, default=None,
+                       help="runtime: seconds per timed loop (default 10); rllib: seconds per library (default 120)")
+    bench.add_argument("--env", default="HalfCheetah-v5", help="rllib only: the environment")
+    bench.add_argument("--updates-per-step", type=float, default=1.0, help="rllib only: the UTD ratio of both")
     bench.add_argument("--updates", type=int, default=20, help="timed updates per algorithm")
     bench.add_argument("--batch-size", type=int, default=256)
     bench.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
@@ -99,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"softflow: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except RunStopped as exc:
+        print(f"softflow: stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("softflow: interrupted", file=sys.stderr)
         return 130

@@ -23,6 +23,10 @@ class ConfigError(Exception):
     """A bad experiment file or override; the message is one line meant for the user."""
 
 
+class RunStopped(Exception):
+    """A run that cannot go on (e.g. its learner died); the message says how to continue it. Exit code 1."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

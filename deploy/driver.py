@@ -27,11 +27,11 @@ from softflow.actors.evaluate import evaluate
 from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import make_algorithm
-from softflow.deploy.config import ConfigError, ExperimentConfig, checkpoint_meta, dump_config
+from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta, dump_config
 from softflow.deploy.metrics import MetricsLogger
 from softflow.deploy.progress import TrainingProgress, print_summary
 from softflow.deploy.reports import lqr_report
-from softflow.learner.learner import Learner, learner_device, save_checkpoint
+from softflow.learner.learner import Learner, TrainingDiverged, learner_device, save_checkpoint
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
@@ -65,10 +65,18 @@ def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, addres
             logger.log(env_steps, metrics)
             display.update(env_steps, metrics)
 
-        if config.actors.count == 0:
-            summary = train_serial(config, run_dir, device, report)
-        else:
-            summary = train_on_ray(config, run_dir, report, address, resume)
+        try:
+            if config.actors.count == 0:
+                summary = train_serial(config, run_dir, device, report)
+            else:
+                summary = train_on_ray(config, run_dir, report, address, resume)
+        except TrainingDiverged as exc:
+            logger.abort()
+            cause = getattr(exc, "cause", exc)  # through Ray, the learner's exception is the cause
+            raise RunStopped(f"training diverged: {cause}; metrics up to here are in {run_dir}") from None
+        except BaseException:
+            logger.abort()
+            raise
     if "lqr" in summary:
         fit = summary.pop("lqr")
         (run_dir / "lqr.json").write_text(json.dumps(fit, indent=2))
@@ -84,15 +92,13 @@ def train_on_ray(config: ExperimentConfig, run_dir: Path, report: Report, addres
     """Joins the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or starts Ray on this machine, and runs."""
     import ray
 
-    from softflow.deploy.runtime import LearnerDied, Runtime
+    from softflow.deploy.runtime import Runtime
 
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
     try:
         return Runtime(config, run_dir, resume=resume).run(report)
-    except LearnerDied as exc:
-        raise ConfigError(str(exc)) from None
     finally:
         if started_here:
             ray.shutdown()

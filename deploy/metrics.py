@@ -307,6 +307,14 @@ class MetricsLogger:
         if self._run is not None:
             self._run.log(record)
 
+    def abort(self) -> None:
+        """Closes the metrics file and marks the W&B run failed (a run that stopped early); metrics.jsonl keeps
+        every record written so far."""
+        self._metrics_file.close()
+        if self._run is not None:
+            self._run.finish(exit_code=1)
+            self._run = None
+
     def finish(self, summary: dict[str, Any]) -> dict[str, Path]:
         """Writes ``summary.json`` and ``learning_curve.png``, closes the W&B run; returns the paths written."""
         self._metrics_file.close()

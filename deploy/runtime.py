@@ -6,7 +6,10 @@ stored data with it. The learner pulls batches from the replay actor (two reques
 ``learner.publish_every`` updates, puts its weights into the object store once; the driver passes the newest
 reference to each actor with its next fragment request, so acting never waits for weights. The replay actor's rate
 limiter holds ``replay.updates_per_step``: the learner waits when it is ahead, and the driver holds actors back when
-they are. Actors that die are restarted by Ray (``max_restarts``) and rejoin with the current weights.
+they are. Actors that die are restarted by Ray (``max_restarts``) and rejoin with the current weights. A replay
+actor that dies is restarted from its last save (every checkpoint); the transitions inserted since then are lost and
+counted (``replay/lost_transitions``). A learner that dies stops the run (:class:`LearnerDied`); ``--resume``
+continues it from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from softflow.actors.envs import LQREnvConfig
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
 from softflow.algorithms import make_algorithm
-from softflow.deploy.config import ConfigError, ExperimentConfig, checkpoint_meta
+from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
 from softflow.deploy.reports import lqr_report
 from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, LearnerActor
 
@@ -34,8 +37,9 @@ WAIT_TIMEOUT_S = 0.05
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 
 
-class LearnerDied(Exception):
-    """The learner process is gone; the run stops and can be resumed from its last checkpoint."""
+class LearnerDied(RunStopped):
+    """The learner process is gone; the run stops and can be resumed from its last checkpoint. The message says
+    how."""
 
 
 @dataclass
@@ -249,6 +253,7 @@ class Runtime:
         summary: dict[str, Any] = {"env_steps": self.counters.env_steps, "updates": self.counters.updates,
                                    "actors/restarts": self.counters.restarts,
                                    "actors/lost_transitions": self.counters.lost_transitions,
+                                   "replay/lost_transitions": self.counters.env_steps - self.status["replay/inserts"],
                                    "learner/device": self.device}
         if c.eval.episodes:
             summary |= ray.get(self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes))
@@ -299,5 +304,6 @@ class Window:
                    "actors/env_steps_per_s": self.transitions / elapsed, "actors/restarts": counters.restarts,
                    "actors/lost_transitions": counters.lost_transitions, "weights/version": version,
                    **({"weights/version_lag": float(np.mean(self.lags))} if self.lags else {}),
-                   **{k: v for k, v in status.items() if k.startswith("replay/")}}
+                   **{k: v for k, v in status.items() if k.startswith("replay/")},
+                   "replay/lost_transitions": counters.env_steps - status["replay/inserts"]}
         return report

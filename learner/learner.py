@@ -5,6 +5,7 @@ A plain class (Sample Factory's Learner): the serial driver calls it in-process;
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -28,8 +29,13 @@ def learner_device(num_gpus: float | str) -> torch.device:
     return torch.device("cuda")
 
 
+class TrainingDiverged(RuntimeError):
+    """An update produced a non-finite loss; the networks are no longer usable, so training stops."""
+
+
 class Learner:
-    """Runs ``algorithm.update`` on stacked batches and counts updates."""
+    """Runs ``algorithm.update`` on stacked batches and counts updates; stops with :class:`TrainingDiverged` at the
+    first non-finite loss instead of training on NaN weights."""
 
     def __init__(self, algorithm: Algorithm, device: torch.device):
         self.algorithm = algorithm
@@ -44,7 +50,13 @@ class Learner:
         counts: dict[str, int] = {}
         num_batches = next(iter(batches.values())).shape[0]
         for i in range(num_batches):
-            for key, value in self.algorithm.update({k: v[i] for k, v in tensors.items()}).items():
+            metrics = self.algorithm.update({k: v[i] for k, v in tensors.items()})
+            bad = [key for key, value in metrics.items() if key.startswith("losses/") and not math.isfinite(value)]
+            if bad:
+                raise TrainingDiverged(
+                    f"{bad[0]} became {metrics[bad[0]]} at update {self.num_updates + i + 1}; lower "
+                    f"algorithm.q_lr / algorithm.policy_lr or raise algorithm.alpha, and start again")
+            for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
         self.num_updates += num_batches

@@ -152,3 +152,25 @@ def test_mlp_closed_form_jacobian_matches_autograd():
     torch.testing.assert_close(jac, autograd_jac)
     torch.testing.assert_close(generic_jac, autograd_jac)
     assert jac.abs().max() > 0.1
+
+
+def test_a_folding_euler_step_gets_the_floored_log_det_not_infinity():
+    """v = -x / dt maps every x to 0 in one Euler step: det(I + dt J) = 0 exactly. Without the floor log pi would
+    be +inf (and the soft TD target -inf); with it each such step contributes d * STEP_LOG_DET_FLOOR."""
+    from softflow.algorithms.flows import STEP_LOG_DET_FLOOR
+
+    class Collapse(VelocityField):
+        def __init__(self):
+            super().__init__()
+            self.act_dim = D
+            self.scale = nn.Parameter(torch.tensor(-1.0))
+
+        def forward(self, x, t, obs):
+            return self.scale * x  # dt = 1 with one step: x + v = 0
+
+    policy = FlowPolicy(Collapse(), Squash([-math.inf] * D, [math.inf] * D), steps=1)
+    with torch.no_grad():
+        sample = policy.sample(torch.zeros(5, OBS), noise=torch.ones(5, D), with_log_prob=True)
+    assert torch.equal(sample.latent, torch.zeros(5, D))
+    base = -0.5 * D * math.log(2 * math.pi) - 0.5 * D  # log N(1; 0, I) in D dims
+    assert torch.allclose(sample.log_prob, torch.full((5,), base - D * STEP_LOG_DET_FLOOR))

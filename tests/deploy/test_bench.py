@@ -1,5 +1,6 @@
-"""Smoke test of ``softflow bench learner --quick`` run as a real subprocess: one JSON object on stdout with every
-field present and every cost positive. Timings are not compared with thresholds (DESIGN.md, "Performance")."""
+"""Smoke tests of ``softflow bench learner --quick`` and ``softflow bench runtime`` (a short one on a real Ray)
+run as real subprocesses: one JSON object on stdout with every field present, every cost positive and every ratio
+equal to its parts. Timings are not compared with thresholds (DESIGN.md, "Performance")."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +56,44 @@ def test_smoke_bench_learner_quick_prints_one_json_object_of_positive_costs():
 def test_cuda_without_a_device_is_a_usage_error():
     with pytest.raises(ConfigError, match="^--device cuda: no CUDA device is visible"):
         bench_learner(quick=True, device="cuda")
+
+
+def test_smoke_bench_runtime_prints_ratios_of_the_runtime_over_the_same_loops_alone():
+    experiment = Path(__file__).resolve().parents[2] / "cluster" / "experiments" / "inverted-pendulum.yaml"
+    result = subprocess.run([sys.executable, "-m", "softflow.deploy.cli", "bench", "runtime", str(experiment),
+                             "algorithm.batch_size=32", "--seconds", "0.4"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["benchmark"], report["env"], report["algorithm"]) == ("runtime", "InvertedPendulum-v5", "isfm")
+    assert report["params"]["batch_size"] == 32
+    for part, alone, inside in (("learner", "alone_updates_per_s", "runtime_updates_per_s"),
+                                ("actor", "alone_env_steps_per_s", "runtime_env_steps_per_s")):
+        figures = report[part]
+        assert positive(figures[alone]) and positive(figures[inside]), figures
+        assert math.isclose(figures["ratio"], figures[inside] / figures[alone])
+    assert all(positive(value) for value in report["replay"].values())
+    weights = report["weights"]
+    assert 0 < weights["publish_to_pickup_ms_median"] <= weights["publish_to_pickup_ms_max"]
+    assert weights["bytes"] > 1000  # at least the policy's and the critic's parameters
+
+
+def test_bench_runtime_of_a_serial_experiment_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "softflow.deploy.cli", "bench", "runtime",
+                             str(Path(__file__).resolve().parents[2] / "cluster" / "experiments" / "lqr-isfm.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("softflow: error: actors.count is 0 (serial mode)")
+
+
+@pytest.mark.slow
+def test_smoke_bench_rllib_reports_both_libraries_side_by_side():
+    result = subprocess.run([sys.executable, "-m", "softflow.deploy.cli", "bench", "rllib", "--seconds", "20",
+                             "--batch-size", "64"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["params"]["batch_size"] == 64 and report["env"] == "HalfCheetah-v5"
+    for library in ("softflow", "rllib"):
+        assert report[library]["env_steps"] > 0 and report[library]["seconds"] >= 20, report[library]
+    assert math.isclose(report["env_steps_per_s_ratio"],
+                        report["softflow"]["env_steps_per_s"] / report["rllib"]["env_steps_per_s"])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,51 @@ def test_killed_rollout_actor_is_restarted_and_the_run_completes(tmp_path):
     assert summary["actors/restarts"] >= 1
     assert summary["actors/lost_transitions"] % 20 == 0  # whole fragments of 2 envs x 10 steps
     assert victim not in runtime.actor_pids()
+
+
+def test_killed_replay_actor_restarts_from_its_last_save(tmp_path):
+    config = parse_experiment(experiment(total_env_steps=2000))
+    runtime = Runtime(config, tmp_path)
+    victim = ray.get(runtime.replay.pid.remote())
+    killer = threading.Timer(4.0, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    summary = runtime.run(lambda steps, report: None)
+    killer.join()
+    assert ray.get(runtime.replay.pid.remote()) != victim
+    assert summary["env_steps"] == 2000 and summary["updates"] > 0
+    # what was inserted after the last save before the kill is gone, and counted; the rest survived the restart
+    status = ray.get(runtime.replay.status.remote())
+    assert status["replay/inserts"] + summary["replay/lost_transitions"] == 2000
+    assert 0 < summary["replay/lost_transitions"] < 2000 and status["replay/size"] == status["replay/inserts"]
+
+
+def test_killed_learner_stops_the_run_with_a_resume_hint_and_resume_finishes(tmp_path):
+    """The real command in a subprocess: the learner's process is SIGKILLed once a checkpoint exists."""
+    import psutil
+
+    (tmp_path / "exp.yaml").write_text(json.dumps(experiment(total_env_steps=4000)))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "softflow.deploy.cli", "train"]
+    run = subprocess.Popen([*command, str(tmp_path / "exp.yaml"), "--run-dir", str(run_dir), "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "latest.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    learner = [p for p in psutil.Process(run.pid).children(recursive=True)
+               if "LearnerActor" in " ".join(p.cmdline())]
+    assert len(learner) == 1, "the learner's worker process (titled ray::LearnerActor) was not found"
+    learner[0].send_signal(signal.SIGKILL)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, out + err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("softflow:")]
+    assert line.startswith("softflow: stopped: the learner process died") and line.endswith(
+        f"Continue it with: softflow train --resume {run_dir}")
+
+    resumed = subprocess.run([*command, "--resume", str(run_dir), "--no-progress"],
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run_dir)[-1]["env_steps"] == 4000
 
 
 def test_resume_continues_counters_and_the_buffer(tmp_path):

@@ -1,0 +1,120 @@
+"""``softflow bench rllib``: softflow's SAC against RLlib's SAC on the same problem for the same wall time.
+
+Both train Gaussian SAC on one environment (default HalfCheetah-v5) for ``seconds`` of wall time each, one after
+the other on the same machine, with the same batch size, update-to-data ratio (RLlib: ``training_intensity =
+batch_size * updates_per_step``), networks ([256, 256]), learning rates, gamma, and random steps before learning.
+softflow runs its Ray runtime with one rollout actor and one learner; RLlib runs its new API stack with one env
+runner and one local learner. Reported for both: env steps and learner updates per second of wall time, and the
+ratio softflow / RLlib. Startup (Ray, building the algorithm) is not timed for either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+from softflow.deploy.config import ConfigError, parse_experiment
+
+LOG_EVERY = 200
+
+
+class _TimeUp(Exception):
+    pass
+
+
+def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
+                 seed: int) -> dict[str, float]:
+    """softflow's runtime (1 actor, 1 learner) for ``seconds``: env steps/s and updates/s."""
+    from softflow.deploy.runtime import Runtime
+
+    config = parse_experiment({
+        "name": "bench-rllib", "seed": seed, "total_env_steps": 10**9, "log_every_steps": LOG_EVERY,
+        "env": {"id": env_id},
+        "algorithm": {"name": "sac", "batch_size": batch_size},
+        "actors": {"count": 1, "num_cpus": 1, "envs_per_actor": 1, "fragment_length": 50, "candidates": 1},
+        "replay": {"capacity": 1_000_000, "updates_per_step": updates_per_step},
+        "learner": {"learning_starts": learning_starts, "checkpoint_every": 10**9, "num_cpus": 1, "num_gpus": 0},
+        "eval": {"episodes": 0},
+    })
+    runtime = Runtime(config, _scratch_dir())
+    start = time.perf_counter()
+
+    def stop_when_time_is_up(env_steps: int, metrics: dict[str, float]) -> None:
+        if time.perf_counter() - start >= seconds:
+            raise _TimeUp
+
+    try:
+        runtime.run(stop_when_time_is_up)
+    except _TimeUp:
+        pass
+    elapsed = time.perf_counter() - start
+    return {"env_steps": runtime.counters.env_steps, "updates": runtime.counters.updates, "seconds": elapsed,
+            "env_steps_per_s": runtime.counters.env_steps / elapsed, "updates_per_s": runtime.counters.updates / elapsed}
+
+
+def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
+              seed: int) -> dict[str, float]:
+    """RLlib's SAC (new API stack, 1 env runner, local learner) for ``seconds``: env steps/s and updates/s."""
+    from ray.rllib.algorithms.sac import SACConfig
+
+    config = (SACConfig()
+              .environment(env_id)
+              .env_runners(num_env_runners=1, num_cpus_per_env_runner=1)
+              .learners(num_learners=0)
+              .training(train_batch_size_per_learner=batch_size, training_intensity=batch_size * updates_per_step,
+                        num_steps_sampled_before_learning_starts=learning_starts, actor_lr=3e-4, critic_lr=1e-3,
+                        alpha_lr=1e-3, gamma=0.99, tau=0.005, n_step=1,
+                        replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 1_000_000})
+              .rl_module(model_config={"fcnet_hiddens": [256, 256], "fcnet_activation": "relu"})
+              .debugging(seed=seed, log_level="ERROR")
+              .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=0))
+    algo = config.build_algo()
+    env_steps = updates = 0
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() - start < seconds:
+            result = algo.train()
+            env_steps = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
+            trained = result.get("learners", {}).get("__all_modules__", {}).get("num_env_steps_trained_lifetime", 0)
+            updates = int(trained) // batch_size
+    finally:
+        elapsed = time.perf_counter() - start
+        algo.stop()
+    return {"env_steps": env_steps, "updates": updates, "seconds": elapsed,
+            "env_steps_per_s": env_steps / elapsed, "updates_per_s": updates / elapsed}
+
+
+def bench_rllib(env_id: str = "HalfCheetah-v5", seconds: float = 120.0, batch_size: int = 256,
+                updates_per_step: float = 1.0, learning_starts: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Both runs, side by side, as one JSON-ready dict."""
+    if seconds <= 0 or batch_size < 1 or updates_per_step <= 0:
+        raise ConfigError("--seconds, --batch-size and --updates-per-step must be positive")
+    args = (env_id, seconds, batch_size, updates_per_step, learning_starts, seed)
+    ray.init(include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        ours = softflow_sac(*args)
+    finally:
+        ray.shutdown()
+    ray.init(include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        theirs = rllib_sac(*args)
+    finally:
+        ray.shutdown()
+    return {
+        "benchmark": "rllib", "env": env_id, "ray_version": ray.__version__,
+        "params": {"seconds": seconds, "batch_size": batch_size, "updates_per_step": updates_per_step,
+                   "learning_starts": learning_starts, "hidden": [256, 256], "seed": seed},
+        "softflow": ours, "rllib": theirs,
+        "env_steps_per_s_ratio": ours["env_steps_per_s"] / max(theirs["env_steps_per_s"], 1e-9),
+        "updates_per_s_ratio": ours["updates_per_s"] / max(theirs["updates_per_s"], 1e-9),
+    }
+
+
+def _scratch_dir():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="softflow-bench-"))

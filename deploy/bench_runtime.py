@@ -1,0 +1,193 @@
+"""``softflow bench runtime``: what the Ray runtime costs, each figure measured side by side in one run.
+
+Four measurements for one experiment file (its env, algorithm, actors, replay and learner sections):
+
+1. Learner: updates/s of the :class:`LearnerActor` pulling batches from the :class:`ReplayActor` through Ray (two
+   sample requests in flight), over updates/s of the same update loop alone (a plain :class:`Learner` sampling a
+   local :class:`ReplayBuffer` in this process, same torch threads). Target >= 0.9.
+2. Actor: env steps/s of one :class:`RolloutActor` driven as the runtime drives it (two runs in flight, each
+   fragment forwarded to the replay actor by reference), over env steps/s of the same policy + env loop alone (a
+   plain :class:`RolloutWorker` with best-of-N acting in this process, one torch thread). Target >= 0.9.
+3. Replay: transitions added per second and batches sampled per second, in process and through the actor.
+4. Weights: publish-to-pickup latency, from the learner's ``publish`` call to a rollout actor having loaded the
+   weights, and the size of what is published.
+
+Each pair runs alone, one after the other, with nothing else stepping (a 2-core machine cannot run a learner and
+actors side by side without them taking cores from each other; the ratios isolate what Ray's process boundaries,
+object store and the rate limiter cost). Ratios are the result; absolute figures move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+
+from softflow.actors.envs import make_env
+from softflow.actors.fragment import Fragment
+from softflow.actors.remote import ReplayActor, RolloutActor
+from softflow.actors.replay import ReplayBuffer
+from softflow.actors.rollout import RolloutWorker
+from softflow.algorithms import make_algorithm
+from softflow.deploy.config import ConfigError, ExperimentConfig, checkpoint_meta
+from softflow.learner.learner import Learner, learner_device
+from softflow.learner.remote import LearnerActor
+
+PREFILL = 10_000
+PUBLISH_REPEATS = 20
+OPEN_LIMITER = 1e12  # a tolerance that never holds anyone back: the bench times the data path, not the ratio
+
+
+def rate(fn: Callable[[], int], seconds: float) -> float:
+    """Calls ``fn`` (which returns how many units it did) for about ``seconds`` after one warm-up call; units/s."""
+    fn()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += fn()
+    return done / (time.perf_counter() - start)
+
+
+def random_fragment(n: int, obs_dim: int, low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> Fragment:
+    """``n`` transitions of random observations and in-bound actions (for filling buffers)."""
+    lo, hi = np.maximum(low, -1.0), np.minimum(high, 1.0)
+    return Fragment(obs=rng.standard_normal((n, obs_dim), dtype=np.float32),
+                    actions=rng.uniform(lo, hi, (n, len(low))).astype(np.float32),
+                    rewards=rng.standard_normal(n, dtype=np.float32),
+                    next_obs=rng.standard_normal((n, obs_dim), dtype=np.float32),
+                    terminated=np.zeros(n, np.float32), truncated=np.zeros(n, np.float32))
+
+
+def bench_runtime(config: ExperimentConfig, seconds: float = 10.0) -> dict:
+    """Runs the four measurements on an embedded Ray (or the one already initialised) and returns one JSON-ready
+    dict. ``seconds`` is the timed length of each of the four throughput loops."""
+    if seconds <= 0:
+        raise ConfigError("--seconds must be positive")
+    if config.actors.count == 0:
+        raise ConfigError("actors.count is 0 (serial mode): the runtime bench needs an experiment that runs on Ray")
+    c = config
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        return _measure(c, seconds)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _measure(c: ExperimentConfig, seconds: float) -> dict:
+    rng = np.random.default_rng(c.seed)
+    chunk = c.actors.fragment_length * c.actors.envs_per_actor
+    try:
+        actor = ray.remote(RolloutActor).options(num_cpus=0).remote(
+            c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed)
+        obs_dim, low, high = ray.get(actor.spaces.remote())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    act_dim = len(low)
+    fill = random_fragment(PREFILL, obs_dim, low, high, rng)
+
+    # 3. replay, in process and through the actor
+    buffer = ReplayBuffer(c.replay.capacity, obs_dim, act_dim, seed=c.seed)
+    piece = random_fragment(chunk, obs_dim, low, high, rng)
+    add_local = rate(lambda: (buffer.add(piece), chunk)[1], seconds / 4)
+    sample_local = rate(lambda: (buffer.sample(c.learner.batches_per_request, c.algorithm.batch_size),
+                                 c.learner.batches_per_request)[1], seconds / 4)
+    replay = ray.remote(ReplayActor).options(num_cpus=0).remote(
+        c.replay.capacity, obs_dim, act_dim, 1.0, 1, OPEN_LIMITER, c.seed)
+    piece_ref = ray.put(piece)
+    add_remote = rate(lambda: (ray.get(replay.add.remote(piece_ref)), chunk)[1], seconds / 4)
+    ray.get(replay.add.remote(fill))
+    sample_remote = rate(lambda: (ray.get(replay.sample.remote(c.learner.batches_per_request,
+                                                               c.algorithm.batch_size)),
+                                  c.learner.batches_per_request)[1], seconds / 4)
+
+    # 1. learner: the same update loop alone, then inside a LearnerActor fed by the replay actor
+    learner_cpus = max(1, int(c.learner.num_cpus))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(learner_cpus)
+    device = learner_device(c.learner.num_gpus)
+    torch.manual_seed(c.seed)
+    learner = Learner(make_algorithm(c.algorithm, obs_dim, low, high, device), device)
+    buffer.add(fill)
+
+    def update_alone() -> int:
+        batches = buffer.sample(c.learner.batches_per_request, c.algorithm.batch_size)
+        learner.update(batches)
+        return c.learner.batches_per_request
+
+    alone_updates = rate(update_alone, seconds)
+    torch.set_num_threads(threads_before)
+    gpus = 0.0 if device.type == "cpu" else 1.0
+    learner_actor = ray.remote(LearnerActor).options(num_cpus=learner_cpus, num_gpus=gpus).remote(
+        c.algorithm, obs_dim, low, high, gpus, replay, c.algorithm.batch_size, c.learner.batches_per_request,
+        c.seed, checkpoint_meta(c, obs_dim, low, high))
+
+    def train_inside() -> int:
+        return ray.get(learner_actor.train.remote(c.learner.publish_every, 0.0))["updates"]
+
+    inside_updates = rate(train_inside, seconds)
+
+    # 4. weights: publish, hand the reference to an actor, wait until it has loaded them
+    latencies = []
+    for _ in range(PUBLISH_REPEATS):
+        start = time.perf_counter()
+        version, ref = ray.get(learner_actor.publish.remote())
+        ray.get(actor.set_weights.remote(ref))
+        latencies.append((time.perf_counter() - start) * 1e3)
+    weights_bytes = len(pickle.dumps(ray.get(ref)[1]))
+
+    # 2. one actor: the same policy + env loop alone, then driven through Ray with fragments going to the replay
+    torch.set_num_threads(1)
+    algorithm = make_algorithm(c.algorithm, obs_dim, low, high, "cpu")
+    algorithm.load_policy_weights(ray.get(ref)[1])
+    worker = RolloutWorker(lambda i: make_env(c.env), c.actors.envs_per_actor,
+                           lambda obs, explore: algorithm.act(obs, explore, c.actors.candidates), c.seed)
+    alone_steps = rate(lambda: len(worker.run(c.actors.fragment_length)), seconds)
+    worker.close()
+    torch.set_num_threads(threads_before)
+    inside_steps = _actor_steps_inside(actor, replay, c.actors.fragment_length, seconds)
+
+    return {
+        "benchmark": "runtime",
+        "experiment": c.name, "env": c.env.id, "algorithm": c.algorithm.name,
+        "learner_device": str(device), "torch_version": torch.__version__, "ray_version": ray.__version__,
+        "params": {"seconds": seconds, "batch_size": c.algorithm.batch_size,
+                   "batches_per_request": c.learner.batches_per_request, "publish_every": c.learner.publish_every,
+                   "envs_per_actor": c.actors.envs_per_actor, "fragment_length": c.actors.fragment_length,
+                   "candidates": c.actors.candidates, "learner_threads": learner_cpus},
+        "learner": {"alone_updates_per_s": alone_updates, "runtime_updates_per_s": inside_updates,
+                    "ratio": inside_updates / alone_updates},
+        "actor": {"alone_env_steps_per_s": alone_steps, "runtime_env_steps_per_s": inside_steps,
+                  "ratio": inside_steps / alone_steps},
+        "replay": {"add_transitions_per_s_local": add_local, "add_transitions_per_s_actor": add_remote,
+                   "sample_batches_per_s_local": sample_local, "sample_batches_per_s_actor": sample_remote,
+                   "fragment_transitions": chunk},
+        "weights": {"publish_to_pickup_ms_median": statistics.median(latencies),
+                    "publish_to_pickup_ms_max": max(latencies), "bytes": weights_bytes},
+    }
+
+
+def _actor_steps_inside(actor, replay, fragment_length: int, seconds: float) -> float:
+    """Env steps/s of ``actor`` kept busy with two runs in flight, each finished fragment handed to ``replay``."""
+    def submit():
+        return actor.run.options(num_returns=2).remote(fragment_length, False, None)
+
+    ray.get(submit()[1])
+    runs = [submit(), submit()]
+    adds, steps, start = [], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fragment_ref, summary_ref = runs.pop(0)
+        steps += ray.get(summary_ref)["transitions"]
+        adds.append(replay.add.remote(fragment_ref))
+        runs.append(submit())
+    elapsed = time.perf_counter() - start
+    ray.get(adds + [r for pair in runs for r in pair])
+    return steps / elapsed
+
