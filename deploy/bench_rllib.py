@@ -3,9 +3,12 @@
 Both train Gaussian SAC on one environment (default HalfCheetah-v5) for ``seconds`` of wall time each, one after
 the other on the same machine, with the same batch size, update-to-data ratio (RLlib: ``training_intensity =
 batch_size * updates_per_step``), networks ([256, 256]), learning rates, gamma, and random steps before learning.
-softflow runs its Ray runtime with one rollout actor and one learner; RLlib runs its new API stack with one env
-runner and one local learner. Reported for both: env steps and learner updates per second of wall time, and the
-ratio softflow / RLlib. Startup (Ray, building the algorithm) is not timed for either.
+softflow runs its Ray runtime with one rollout actor and one learner; RLlib runs its new API stack with its default
+for SAC, sampling in the algorithm's own process (``num_env_runners=0``), and a local learner (with one remote env
+runner RLlib's ``training_intensity`` arithmetic counts a local sampler that does not sample, and it ran 2 updates
+per step). Reported for both: env steps and learner updates per second of wall time, the update-to-data ratio
+actually run (updates over env steps after ``learning_starts``), and the ratios softflow / RLlib. Startup (Ray,
+building the algorithm) is not timed for either.
 """
 
 from __future__ import annotations
@@ -50,19 +53,19 @@ def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step:
         runtime.run(stop_when_time_is_up)
     except _TimeUp:
         pass
-    elapsed = time.perf_counter() - start
-    return {"env_steps": runtime.counters.env_steps, "updates": runtime.counters.updates, "seconds": elapsed,
-            "env_steps_per_s": runtime.counters.env_steps / elapsed, "updates_per_s": runtime.counters.updates / elapsed}
+    return measured(runtime.counters.env_steps, runtime.counters.updates, time.perf_counter() - start,
+                    learning_starts)
 
 
 def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
               seed: int) -> dict[str, float]:
-    """RLlib's SAC (new API stack, 1 env runner, local learner) for ``seconds``: env steps/s and updates/s."""
+    """RLlib's SAC (new API stack, sampling in this process, local learner) for ``seconds``: env steps/s and
+    updates/s."""
     from ray.rllib.algorithms.sac import SACConfig
 
     config = (SACConfig()
               .environment(env_id)
-              .env_runners(num_env_runners=1, num_cpus_per_env_runner=1)
+              .env_runners(num_env_runners=0)
               .learners(num_learners=0)
               .training(train_batch_size_per_learner=batch_size, training_intensity=batch_size * updates_per_step,
                         num_steps_sampled_before_learning_starts=learning_starts, actor_lr=3e-4, critic_lr=1e-3,
@@ -83,8 +86,13 @@ def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: fl
     finally:
         elapsed = time.perf_counter() - start
         algo.stop()
-    return {"env_steps": env_steps, "updates": updates, "seconds": elapsed,
-            "env_steps_per_s": env_steps / elapsed, "updates_per_s": updates / elapsed}
+    return measured(env_steps, updates, elapsed, learning_starts)
+
+
+def measured(env_steps: int, updates: int, seconds: float, learning_starts: int) -> dict[str, float]:
+    return {"env_steps": env_steps, "updates": updates, "seconds": seconds, "env_steps_per_s": env_steps / seconds,
+            "updates_per_s": updates / seconds,
+            "updates_per_step_run": updates / max(env_steps - learning_starts, 1)}
 
 
 def bench_rllib(env_id: str = "HalfCheetah-v5", seconds: float = 120.0, batch_size: int = 256,

@@ -20,6 +20,7 @@ object store and the rate limiter cost). Ratios are the result; absolute figures
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import statistics
 import time
@@ -109,9 +110,9 @@ def _measure(c: ExperimentConfig, seconds: float) -> dict:
                                   c.learner.batches_per_request)[1], seconds / 4)
 
     # 1. learner: the same update loop alone, then inside a LearnerActor fed by the replay actor
-    learner_cpus = max(1, int(c.learner.num_cpus))
+    learner_threads = max(1, math.ceil(c.learner.num_cpus))
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(learner_cpus)
+    torch.set_num_threads(learner_threads)
     device = learner_device(c.learner.num_gpus)
     torch.manual_seed(c.seed)
     learner = Learner(make_algorithm(c.algorithm, obs_dim, low, high, device), device)
@@ -125,9 +126,9 @@ def _measure(c: ExperimentConfig, seconds: float) -> dict:
     alone_updates = rate(update_alone, seconds)
     torch.set_num_threads(threads_before)
     gpus = 0.0 if device.type == "cpu" else 1.0
-    learner_actor = ray.remote(LearnerActor).options(num_cpus=learner_cpus, num_gpus=gpus).remote(
+    learner_actor = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus).remote(
         c.algorithm, obs_dim, low, high, gpus, replay, c.algorithm.batch_size, c.learner.batches_per_request,
-        c.seed, checkpoint_meta(c, obs_dim, low, high))
+        c.seed, checkpoint_meta(c, obs_dim, low, high), None, c.learner.num_cpus)
 
     def train_inside() -> int:
         return ray.get(learner_actor.train.remote(c.learner.publish_every, 0.0))["updates"]
@@ -161,7 +162,7 @@ def _measure(c: ExperimentConfig, seconds: float) -> dict:
         "params": {"seconds": seconds, "batch_size": c.algorithm.batch_size,
                    "batches_per_request": c.learner.batches_per_request, "publish_every": c.learner.publish_every,
                    "envs_per_actor": c.actors.envs_per_actor, "fragment_length": c.actors.fragment_length,
-                   "candidates": c.actors.candidates, "learner_threads": learner_cpus},
+                   "candidates": c.actors.candidates, "learner_threads": learner_threads},
         "learner": {"alone_updates_per_s": alone_updates, "runtime_updates_per_s": inside_updates,
                     "ratio": inside_updates / alone_updates},
         "actor": {"alone_env_steps_per_s": alone_steps, "runtime_env_steps_per_s": inside_steps,

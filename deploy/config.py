@@ -56,7 +56,8 @@ class LearnerConfig(_Section):
     publish_every: int = Field(50, ge=1, description="updates between weight broadcasts to the actors")
     batches_per_request: int = Field(4, ge=1, description="batches fetched from the replay actor per request "
                                                           "(two requests are kept in flight)")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the learner actor")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the learner actor; torch "
+                                           "uses ceil(num_cpus) threads in it")
     num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs for the learner: 'auto' takes one when the machine or cluster has one, 0 runs on "
                             "the CPU; more than 0 with no GPU is an error")

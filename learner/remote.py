@@ -7,6 +7,7 @@ calls ``train`` again and again; each call runs up to ``publish_every`` updates,
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -25,11 +26,13 @@ WAIT_POLL_S = 0.002
 
 
 class LearnerActor:
-    """The learner loop of the runtime; ``replay`` is the replay actor's handle."""
+    """The learner loop of the runtime; ``replay`` is the replay actor's handle. Torch uses ``ceil(num_cpus)``
+    threads (Ray's default for an actor is one)."""
 
     def __init__(self, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray, num_gpus: float | str,
                  replay, batch_size: int, batches_per_request: int, seed: int, meta: dict[str, Any],
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, num_cpus: float = 1.0):
+        torch.set_num_threads(max(1, math.ceil(num_cpus)))
         torch.manual_seed(seed)
         self.device = learner_device(num_gpus)
         self.algorithm = make_algorithm(algorithm_config, obs_dim, low, high, self.device)
