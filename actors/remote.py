@@ -33,9 +33,11 @@ class RolloutActor:
     takes no stored data with it) and a small summary the driver reads (episode returns, policy version).
     """
 
-    def __init__(self, env_config, algorithm_config, envs_per_actor: int, candidates: int, seed: int):
+    def __init__(self, env_config, algorithm_config, envs_per_actor: int, candidates: int, seed: int,
+                 exploration_noise: float = 0.0):
         torch.set_num_threads(1)
-        self.worker = RolloutWorker(lambda i: make_env(env_config), envs_per_actor, self._act, seed)
+        self.worker = RolloutWorker(lambda i: make_env(env_config), envs_per_actor, self._act, seed,
+                                    exploration_noise)
         low, high = self.worker.action_space.low.reshape(-1), self.worker.action_space.high.reshape(-1)
         self.algorithm = make_algorithm(algorithm_config, self.worker.obs_dim, low, high, "cpu")
         self.candidates = candidates

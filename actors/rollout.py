@@ -55,8 +55,11 @@ class RolloutWorker:
         num_envs: int,
         act_fn: Callable[[np.ndarray, bool], np.ndarray],
         seed: int,
+        exploration_noise: float = 0.0,
     ) -> None:
-        """Build the envs (``env_fn(i)``) and reset env ``i`` with seed ``seed + i``."""
+        """Build the envs (``env_fn(i)``) and reset env ``i`` with seed ``seed + i``. ``exploration_noise`` is
+        the std of Gaussian noise added to the policy's actions when exploring, as a fraction of each action
+        dimension's half-range (of 1 where the space is unbounded); 0 adds none."""
         if num_envs <= 0:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
         self.envs: list[gymnasium.Env] = [env_fn(i) for i in range(num_envs)]
@@ -73,6 +76,9 @@ class RolloutWorker:
         self.act_dim = int(np.prod(action_space.shape))
         self._act_low = action_space.low.reshape(-1).astype(np.float32)
         self._act_high = action_space.high.reshape(-1).astype(np.float32)
+        half_range = (self._act_high - self._act_low) / 2
+        self._noise_scale = exploration_noise * np.where(np.isfinite(half_range), half_range, 1.0)
+        self._noise_rng = np.random.default_rng(seed)
         self.env_steps = 0
         self.policy_version = 0
 
@@ -97,7 +103,9 @@ class RolloutWorker:
                     f"act_fn returned shape {actions.shape}, expected ({self.num_envs}, {self.act_dim})"
                 )
             actions = actions.reshape(self.num_envs, self.act_dim)
-        return np.clip(actions, self._act_low, self._act_high)
+            if explore and self._noise_scale.any():
+                actions = actions + self._noise_scale * self._noise_rng.standard_normal(actions.shape)
+        return np.clip(actions, self._act_low, self._act_high).astype(np.float32)
 
     def run(self, num_steps: int, random_actions: bool = False, explore: bool = True) -> Fragment:
         """Step every env ``num_steps`` times and return the transitions.

@@ -87,7 +87,7 @@ def _measure(c: ExperimentConfig, seconds: float) -> dict:
     chunk = c.actors.fragment_length * c.actors.envs_per_actor
     try:
         actor = ray.remote(RolloutActor).options(num_cpus=0).remote(
-            c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed)
+            c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed, c.actors.exploration_noise)
         obs_dim, low, high = ray.get(actor.spaces.remote())
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -149,7 +149,8 @@ def _measure(c: ExperimentConfig, seconds: float) -> dict:
     algorithm = make_algorithm(c.algorithm, obs_dim, low, high, "cpu")
     algorithm.load_policy_weights(ray.get(ref)[1])
     worker = RolloutWorker(lambda i: make_env(c.env), c.actors.envs_per_actor,
-                           lambda obs, explore: algorithm.act(obs, explore, c.actors.candidates), c.seed)
+                           lambda obs, explore: algorithm.act(obs, explore, c.actors.candidates), c.seed,
+                           c.actors.exploration_noise)
     alone_steps = rate(lambda: len(worker.run(c.actors.fragment_length)), seconds)
     worker.close()
     torch.set_num_threads(threads_before)

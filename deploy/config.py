@@ -39,6 +39,8 @@ class ActorsConfig(_Section):
     fragment_length: int = Field(1, ge=1, description="steps per environment in one fragment sent to the replay")
     candidates: int = Field(1, ge=1, description="best-of-N acting: actions sampled per state, the argmax of "
                                                  "min(Q1, Q2) is executed (1: plain sampling)")
+    exploration_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to executed actions while "
+                                                            "training, as a fraction of each action's half-range")
 
 
 class ReplayConfig(_Section):

@@ -108,7 +108,8 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
     """Serial mode: the same data flow in one process, with no Ray (Sample Factory's serial mode)."""
     seed_everything(config.seed)
     worker = RolloutWorker(lambda i: make_env(config.env), config.actors.envs_per_actor,
-                           lambda obs, explore: algorithm.act(obs, explore, config.actors.candidates), config.seed)
+                           lambda obs, explore: algorithm.act(obs, explore, config.actors.candidates), config.seed,
+                           config.actors.exploration_noise)
     low, high = worker.action_space.low.reshape(-1), worker.action_space.high.reshape(-1)
     algorithm = make_algorithm(config.algorithm, worker.obs_dim, low, high, device)
     learner = Learner(algorithm, device)

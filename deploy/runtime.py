@@ -124,7 +124,8 @@ class Runtime:
         c = config
         self.slots = [ActorSlot(ray.remote(RolloutActor).options(
             num_cpus=c.actors.num_cpus, max_restarts=-1, max_task_retries=0).remote(
-            c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed + 1000 * i))
+            c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed + 1000 * i,
+            c.actors.exploration_noise))
             for i in range(c.actors.count)]
         self.obs_dim, self.low, self.high = ray.get(self.slots[0].handle.spaces.remote())
         act_dim = len(self.low)

@@ -209,3 +209,17 @@ def test_pendulum_truncates_at_200_into_replay() -> None:
     buf.add(frag)
     assert len(buf) == 402
     worker.close()
+
+
+def test_exploration_noise_is_gaussian_scaled_to_the_half_range_and_only_while_exploring():
+    class WideEnv(CountEnv):
+        def __init__(self):
+            super().__init__(episode_len=10_000)
+            self.action_space = spaces.Box(-4.0, 4.0, shape=(1,), dtype=np.float32)
+
+    worker = RolloutWorker(lambda i: WideEnv(), 2, lambda obs, explore: np.full((len(obs), 1), 1.0), seed=0,
+                           exploration_noise=0.1)
+    noisy = worker.run(2000).actions[:, 0]
+    assert abs(noisy.mean() - 1.0) < 0.02 and abs(noisy.std() - 0.4) < 0.02  # 0.1 x half-range 4
+    assert np.array_equal(worker.run(10, explore=False).actions, np.ones((20, 1), np.float32))
+    assert noisy.dtype == np.float32
