@@ -14,7 +14,10 @@ building the algorithm) is not timed for either.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,7 +28,7 @@ LOG_EVERY = 200
 
 
 class _TimeUp(Exception):
-    pass
+    """Raised from the report callback to end softflow's run when its wall time is spent."""
 
 
 def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
@@ -42,19 +45,23 @@ def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step:
         "learner": {"learning_starts": learning_starts, "checkpoint_every": 10**9, "num_cpus": 1, "num_gpus": 0},
         "eval": {"episodes": 0},
     })
-    runtime = Runtime(config, _scratch_dir())
-    start = time.perf_counter()
-
-    def stop_when_time_is_up(env_steps: int, metrics: dict[str, float]) -> None:
-        if time.perf_counter() - start >= seconds:
-            raise _TimeUp
-
+    scratch = Path(tempfile.mkdtemp(prefix="softflow-bench-"))
     try:
-        runtime.run(stop_when_time_is_up)
-    except _TimeUp:
-        pass
-    return measured(runtime.counters.env_steps, runtime.counters.updates, time.perf_counter() - start,
-                    learning_starts)
+        runtime = Runtime(config, scratch)
+        start = time.perf_counter()
+
+        def stop_when_time_is_up(env_steps: int, metrics: dict[str, float]) -> None:
+            if time.perf_counter() - start >= seconds:
+                raise _TimeUp
+
+        try:
+            runtime.run(stop_when_time_is_up)
+        except _TimeUp:
+            pass
+        return measured(runtime.counters.env_steps, runtime.counters.updates, time.perf_counter() - start,
+                        learning_starts)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
@@ -120,9 +127,3 @@ def bench_rllib(env_id: str = "HalfCheetah-v5", seconds: float = 120.0, batch_si
         "updates_per_s_ratio": ours["updates_per_s"] / max(theirs["updates_per_s"], 1e-9),
     }
 
-
-def _scratch_dir():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix="softflow-bench-"))

@@ -83,79 +83,24 @@ def bench_runtime(config: ExperimentConfig, seconds: float = 10.0) -> dict:
 
 
 def _measure(c: ExperimentConfig, seconds: float) -> dict:
-    rng = np.random.default_rng(c.seed)
-    chunk = c.actors.fragment_length * c.actors.envs_per_actor
     try:
         actor = ray.remote(RolloutActor).options(num_cpus=0).remote(
             c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed, c.actors.exploration_noise)
         obs_dim, low, high = ray.get(actor.spaces.remote())
+        device = learner_device(c.learner.num_gpus)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    act_dim = len(low)
-    fill = random_fragment(PREFILL, obs_dim, low, high, rng)
-
-    # 3. replay, in process and through the actor
-    buffer = ReplayBuffer(c.replay.capacity, obs_dim, act_dim, seed=c.seed)
-    piece = random_fragment(chunk, obs_dim, low, high, rng)
-    add_local = rate(lambda: (buffer.add(piece), chunk)[1], seconds / 4)
-    sample_local = rate(lambda: (buffer.sample(c.learner.batches_per_request, c.algorithm.batch_size),
-                                 c.learner.batches_per_request)[1], seconds / 4)
+    rng = np.random.default_rng(c.seed)
+    buffer = ReplayBuffer(c.replay.capacity, obs_dim, len(low), seed=c.seed)
     replay = ray.remote(ReplayActor).options(num_cpus=0).remote(
-        c.replay.capacity, obs_dim, act_dim, 1.0, 1, OPEN_LIMITER, c.seed)
-    piece_ref = ray.put(piece)
-    add_remote = rate(lambda: (ray.get(replay.add.remote(piece_ref)), chunk)[1], seconds / 4)
-    ray.get(replay.add.remote(fill))
-    sample_remote = rate(lambda: (ray.get(replay.sample.remote(c.learner.batches_per_request,
-                                                               c.algorithm.batch_size)),
-                                  c.learner.batches_per_request)[1], seconds / 4)
-
-    # 1. learner: the same update loop alone, then inside a LearnerActor fed by the replay actor
-    learner_threads = max(1, math.ceil(c.learner.num_cpus))
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(learner_threads)
-    device = learner_device(c.learner.num_gpus)
-    torch.manual_seed(c.seed)
-    learner = Learner(make_algorithm(c.algorithm, obs_dim, low, high, device), device)
+        c.replay.capacity, obs_dim, len(low), 1.0, 1, OPEN_LIMITER, c.seed)
+    replay_rates = _replay_rates(c, buffer, replay, random_fragment(_chunk(c), obs_dim, low, high, rng), seconds)
+    fill = random_fragment(PREFILL, obs_dim, low, high, rng)
     buffer.add(fill)
-
-    def update_alone() -> int:
-        batches = buffer.sample(c.learner.batches_per_request, c.algorithm.batch_size)
-        learner.update(batches)
-        return c.learner.batches_per_request
-
-    alone_updates = rate(update_alone, seconds)
-    torch.set_num_threads(threads_before)
-    gpus = 0.0 if device.type == "cpu" else 1.0
-    learner_actor = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus).remote(
-        c.algorithm, obs_dim, low, high, gpus, replay, c.algorithm.batch_size, c.learner.batches_per_request,
-        c.seed, checkpoint_meta(c, obs_dim, low, high), None, c.learner.num_cpus)
-
-    def train_inside() -> int:
-        return ray.get(learner_actor.train.remote(c.learner.publish_every, 0.0))["updates"]
-
-    inside_updates = rate(train_inside, seconds)
-
-    # 4. weights: publish, hand the reference to an actor, wait until it has loaded them
-    latencies = []
-    for _ in range(PUBLISH_REPEATS):
-        start = time.perf_counter()
-        version, ref = ray.get(learner_actor.publish.remote())
-        ray.get(actor.set_weights.remote(ref))
-        latencies.append((time.perf_counter() - start) * 1e3)
-    weights_bytes = len(pickle.dumps(ray.get(ref)[1]))
-
-    # 2. one actor: the same policy + env loop alone, then driven through Ray with fragments going to the replay
-    torch.set_num_threads(1)
-    algorithm = make_algorithm(c.algorithm, obs_dim, low, high, "cpu")
-    algorithm.load_policy_weights(ray.get(ref)[1])
-    worker = RolloutWorker(lambda i: make_env(c.env), c.actors.envs_per_actor,
-                           lambda obs, explore: algorithm.act(obs, explore, c.actors.candidates), c.seed,
-                           c.actors.exploration_noise)
-    alone_steps = rate(lambda: len(worker.run(c.actors.fragment_length)), seconds)
-    worker.close()
-    torch.set_num_threads(threads_before)
-    inside_steps = _actor_steps_inside(actor, replay, c.actors.fragment_length, seconds)
-
+    ray.get(replay.add.remote(fill))
+    learner_rates, learner_actor = _learner_rates(c, buffer, replay, obs_dim, low, high, device, seconds)
+    weights = _publish_latency(learner_actor, actor)
+    actor_rates = _actor_rates(c, actor, replay, obs_dim, low, high, weights.pop("reference"), seconds)
     return {
         "benchmark": "runtime",
         "experiment": c.name, "env": c.env.id, "algorithm": c.algorithm.name,
@@ -163,17 +108,83 @@ def _measure(c: ExperimentConfig, seconds: float) -> dict:
         "params": {"seconds": seconds, "batch_size": c.algorithm.batch_size,
                    "batches_per_request": c.learner.batches_per_request, "publish_every": c.learner.publish_every,
                    "envs_per_actor": c.actors.envs_per_actor, "fragment_length": c.actors.fragment_length,
-                   "candidates": c.actors.candidates, "learner_threads": learner_threads},
-        "learner": {"alone_updates_per_s": alone_updates, "runtime_updates_per_s": inside_updates,
-                    "ratio": inside_updates / alone_updates},
-        "actor": {"alone_env_steps_per_s": alone_steps, "runtime_env_steps_per_s": inside_steps,
-                  "ratio": inside_steps / alone_steps},
-        "replay": {"add_transitions_per_s_local": add_local, "add_transitions_per_s_actor": add_remote,
-                   "sample_batches_per_s_local": sample_local, "sample_batches_per_s_actor": sample_remote,
-                   "fragment_transitions": chunk},
-        "weights": {"publish_to_pickup_ms_median": statistics.median(latencies),
-                    "publish_to_pickup_ms_max": max(latencies), "bytes": weights_bytes},
+                   "candidates": c.actors.candidates, "learner_threads": _learner_threads(c)},
+        "learner": learner_rates, "actor": actor_rates, "replay": replay_rates, "weights": weights,
     }
+
+
+def _chunk(c: ExperimentConfig) -> int:
+    return c.actors.fragment_length * c.actors.envs_per_actor
+
+
+def _learner_threads(c: ExperimentConfig) -> int:
+    return max(1, math.ceil(c.learner.num_cpus))
+
+
+def _replay_rates(c: ExperimentConfig, buffer: ReplayBuffer, replay, piece: Fragment, seconds: float) -> dict:
+    """Transitions added and batches sampled per second, in this process and through the replay actor."""
+    chunk, per_request = _chunk(c), c.learner.batches_per_request
+    add_local = rate(lambda: (buffer.add(piece), chunk)[1], seconds / 4)
+    sample_local = rate(lambda: (buffer.sample(per_request, c.algorithm.batch_size), per_request)[1], seconds / 4)
+    piece_ref = ray.put(piece)
+    add_remote = rate(lambda: (ray.get(replay.add.remote(piece_ref)), chunk)[1], seconds / 4)
+    sample_remote = rate(lambda: (ray.get(replay.sample.remote(per_request, c.algorithm.batch_size)),
+                                  per_request)[1], seconds / 4)
+    return {"add_transitions_per_s_local": add_local, "add_transitions_per_s_actor": add_remote,
+            "sample_batches_per_s_local": sample_local, "sample_batches_per_s_actor": sample_remote,
+            "fragment_transitions": chunk}
+
+
+def _learner_rates(c: ExperimentConfig, buffer: ReplayBuffer, replay, obs_dim: int, low, high,
+                   device: torch.device, seconds: float):
+    """Updates/s of a plain Learner sampling ``buffer`` in this process, then of a LearnerActor fed by
+    ``replay``, with the same torch threads; returns the figures and the LearnerActor."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(_learner_threads(c))
+    torch.manual_seed(c.seed)
+    learner = Learner(make_algorithm(c.algorithm, obs_dim, low, high, device), device)
+
+    def update_alone() -> int:
+        learner.update(buffer.sample(c.learner.batches_per_request, c.algorithm.batch_size))
+        return c.learner.batches_per_request
+
+    alone = rate(update_alone, seconds)
+    torch.set_num_threads(threads_before)
+    gpus = 0.0 if device.type == "cpu" else 1.0
+    learner_actor = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus).remote(
+        c.algorithm, obs_dim, low, high, gpus, replay, c.algorithm.batch_size, c.learner.batches_per_request,
+        c.seed, checkpoint_meta(c, obs_dim, low, high), None, c.learner.num_cpus)
+    inside = rate(lambda: ray.get(learner_actor.train.remote(c.learner.publish_every, 0.0))["updates"], seconds)
+    return {"alone_updates_per_s": alone, "runtime_updates_per_s": inside, "ratio": inside / alone}, learner_actor
+
+
+def _publish_latency(learner_actor, actor) -> dict:
+    """Milliseconds from the learner's ``publish`` to ``actor`` having loaded the weights, and their size."""
+    latencies = []
+    for _ in range(PUBLISH_REPEATS):
+        start = time.perf_counter()
+        _, ref = ray.get(learner_actor.publish.remote())
+        ray.get(actor.set_weights.remote(ref))
+        latencies.append((time.perf_counter() - start) * 1e3)
+    return {"publish_to_pickup_ms_median": statistics.median(latencies), "publish_to_pickup_ms_max": max(latencies),
+            "bytes": len(pickle.dumps(ray.get(ref)[1])), "reference": ref}
+
+
+def _actor_rates(c: ExperimentConfig, actor, replay, obs_dim: int, low, high, weights_ref, seconds: float) -> dict:
+    """Env steps/s of the same policy + env loop alone (one torch thread, as in the actors), then of ``actor``
+    driven through Ray with its fragments forwarded to ``replay``."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    algorithm = make_algorithm(c.algorithm, obs_dim, low, high, "cpu")
+    algorithm.load_policy_weights(ray.get(weights_ref)[1])
+    worker = RolloutWorker(lambda i: make_env(c.env), c.actors.envs_per_actor,
+                           lambda obs, explore: algorithm.act(obs, explore, c.actors.candidates), c.seed,
+                           c.actors.exploration_noise)
+    alone = rate(lambda: len(worker.run(c.actors.fragment_length)), seconds)
+    worker.close()
+    torch.set_num_threads(threads_before)
+    inside = _actor_steps_inside(actor, replay, c.actors.fragment_length, seconds)
+    return {"alone_env_steps_per_s": alone, "runtime_env_steps_per_s": inside, "ratio": inside / alone}
 
 
 def _actor_steps_inside(actor, replay, fragment_length: int, seconds: float) -> float:
