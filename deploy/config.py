@@ -41,6 +41,9 @@ class ActorsConfig(_Section):
                                                  "min(Q1, Q2) is executed (1: plain sampling)")
     exploration_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to executed actions while "
                                                             "training, as a fraction of each action's half-range")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each rollout actor needs, e.g. {rollout: 1} to land "
+                                          "on nodes started with --resources '{\"rollout\": N}'")
 
 
 class ReplayConfig(_Section):
@@ -60,6 +63,9 @@ class LearnerConfig(_Section):
                                                           "(two requests are kept in flight)")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the learner actor; torch "
                                            "uses ceil(num_cpus) threads in it")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources the learner needs (the replay actor and the "
+                                          "evaluator go beside it), e.g. {learner: 1}")
     num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs for the learner: 'auto' takes one when the machine or cluster has one, 0 runs on "
                             "the CPU; more than 0 with no GPU is an error")

@@ -98,7 +98,11 @@ def train_on_ray(config: ExperimentConfig, run_dir: Path, report: Report, addres
     if started_here:
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
     try:
-        return Runtime(config, run_dir, resume=resume).run(report)
+        runtime = Runtime(config, run_dir, resume=resume)
+        try:
+            return runtime.run(report)
+        finally:
+            runtime.close()
     finally:
         if started_here:
             ray.shutdown()

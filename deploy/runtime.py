@@ -29,6 +29,7 @@ from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
 from softflow.algorithms import make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
+from softflow.deploy.placement import Topology, learner_gpus
 from softflow.deploy.reports import lqr_report
 from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, LearnerActor
 
@@ -65,31 +66,6 @@ class ActorSlot:
     runs: dict = field(default_factory=dict)  # summary ref -> (fragment ref, epoch, transitions)
 
 
-def required_resources(config: ExperimentConfig, gpus: float) -> dict[str, float]:
-    return {"CPU": config.actors.count * config.actors.num_cpus + config.learner.num_cpus, "GPU": gpus}
-
-
-def check_placement(config: ExperimentConfig, gpus: float) -> None:
-    """Fails fast, with the numbers, when the cluster cannot hold the actors and the learner."""
-    have = ray.cluster_resources()
-    need = required_resources(config, gpus)
-    if need["CPU"] > have.get("CPU", 0) + 1e-9:
-        raise ConfigError(
-            f"actors.count={config.actors.count} x actors.num_cpus={config.actors.num_cpus:g} + "
-            f"learner.num_cpus={config.learner.num_cpus:g} needs {need['CPU']:g} CPUs but the Ray cluster has "
-            f"{have.get('CPU', 0):g}; lower actors.num_cpus (fractions share a core) or actors.count, or add nodes")
-    if need["GPU"] > have.get("GPU", 0) + 1e-9:
-        raise ConfigError(f"learner.num_gpus={gpus:g} but the Ray cluster has {have.get('GPU', 0):g} GPUs; "
-                          f"use learner.num_gpus=0 or 'auto', or add a GPU node")
-
-
-def learner_gpus(config: ExperimentConfig) -> float:
-    num_gpus = config.learner.num_gpus
-    if num_gpus == "auto":
-        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return float(num_gpus)
-
-
 def ratio_tolerance(config: ExperimentConfig) -> float:
     """``replay.ratio_tolerance``, checked against deadlock, or by default room for every actor's in-flight runs
     on the insert side and every in-flight sample request on the learner's side (at least the deadlock-free
@@ -120,25 +96,28 @@ class Runtime:
         self.counters = Counters(next_log=config.log_every_steps, next_eval=config.eval.every_steps,
                                  next_checkpoint=config.learner.checkpoint_every)
         gpus = learner_gpus(config)
-        check_placement(config, gpus)
+        self.topology = Topology(config, gpus)
         c = config
         self.slots = [ActorSlot(ray.remote(RolloutActor).options(
-            num_cpus=c.actors.num_cpus, max_restarts=-1, max_task_retries=0).remote(
+            num_cpus=c.actors.num_cpus, resources=c.actors.resources, max_restarts=-1, max_task_retries=0,
+            **self.topology.actor(i)).remote(
             c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed + 1000 * i,
             c.actors.exploration_noise))
             for i in range(c.actors.count)]
         self.obs_dim, self.low, self.high = ray.get(self.slots[0].handle.spaces.remote())
         act_dim = len(self.low)
         tolerance = ratio_tolerance(c)
-        self.replay = ray.remote(ReplayActor).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
+        self.replay = ray.remote(ReplayActor).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                                      **self.topology.learner()).remote(
             c.replay.capacity, self.obs_dim, act_dim, c.replay.updates_per_step, c.learner.learning_starts,
             tolerance, c.seed, str(run_dir / "checkpoints" / "replay.npz"))
         self.learner = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus,
-                                                        max_restarts=0).remote(
+                                                        resources=c.learner.resources, max_restarts=0,
+                                                        **self.topology.learner()).remote(
             c.algorithm, self.obs_dim, self.low, self.high, gpus, self.replay, c.algorithm.batch_size,
             c.learner.batches_per_request, c.seed, checkpoint_meta(c, self.obs_dim, self.low, self.high),
             str(self.checkpoint_path) if resume else None, c.learner.num_cpus)
-        self.evaluator = ray.remote(Evaluator).options(num_cpus=0).remote(
+        self.evaluator = ray.remote(Evaluator).options(num_cpus=0, **self.topology.learner()).remote(
             c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates, c.seed + 10_000)
         described = ray.get(self.learner.describe.remote())
         self.device = described["device"]
@@ -263,6 +242,10 @@ class Runtime:
             algorithm.load_policy_weights(ray.get(self.weights[1])[1])
             summary["lqr"] = lqr_report(algorithm, c.env, c.algorithm.gamma, seed=c.seed)
         return summary
+
+    def close(self) -> None:
+        """Releases the run's placement group (its actors end with it)."""
+        self.topology.remove()
 
     def actor_pids(self) -> list[int]:
         return ray.get([s.handle.pid.remote() for s in self.slots])
