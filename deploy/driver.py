@@ -10,9 +10,12 @@ W&B and the terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -45,17 +48,26 @@ def seed_everything(seed: int) -> None:
 
 
 Report = Callable[[int, dict[str, float]], None]
+CONNECT_TIMEOUT_S = 3.0
 
 
 def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, address: str | None = None,
           resume: bool = False) -> dict[str, Any]:
     """Trains ``config``, writes the run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json,
     learning_curve.png, W&B files, and lqr.json for the LQR case study) and returns the summary."""
-    if config.actors.count == 0:
-        try:
-            device = learner_device(config.learner.num_gpus)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    if config.actors.count > 0:
+        with ray_connection(address):
+            return _train(config, run_dir, progress, resume, device=None)
+    try:
+        device = learner_device(config.learner.num_gpus)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return _train(config, run_dir, progress, resume, device)
+
+
+def _train(config: ExperimentConfig, run_dir: Path, progress: bool, resume: bool,
+           device: torch.device | None) -> dict[str, Any]:
+    """The run directory, metrics and display around serial mode (``device`` given) or the Ray runtime."""
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
@@ -69,7 +81,7 @@ def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, addres
             if config.actors.count == 0:
                 summary = train_serial(config, run_dir, device, report)
             else:
-                summary = train_on_ray(config, run_dir, report, address, resume)
+                summary = train_on_ray(config, run_dir, report, resume)
         except TrainingDiverged as exc:
             logger.abort()
             cause = getattr(exc, "cause", exc)  # through Ray, the learner's exception is the cause
@@ -87,25 +99,44 @@ def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, addres
     return summary
 
 
-def train_on_ray(config: ExperimentConfig, run_dir: Path, report: Report, address: str | None,
-                 resume: bool) -> dict[str, Any]:
-    """Joins the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or starts Ray on this machine, and runs."""
-    import ray
-
+def train_on_ray(config: ExperimentConfig, run_dir: Path, report: Report, resume: bool) -> dict[str, Any]:
+    """Runs the Ray runtime on the Ray this process is connected to."""
     from softflow.deploy.runtime import Runtime
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+    runtime = Runtime(config, run_dir, resume=resume)
     try:
-        runtime = Runtime(config, run_dir, resume=resume)
-        try:
-            return runtime.run(report)
-        finally:
-            runtime.close()
+        return runtime.run(report)
     finally:
-        if started_here:
-            ray.shutdown()
+        runtime.close()
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None):
+    """Uses the Ray this process already has (a Tune trial, a test) or connects to ``address`` (or
+    ``RAY_ADDRESS``; neither starts Ray on this machine) and shuts it down at the end. Connection problems are
+    one-line ConfigErrors, and a host:port where nothing listens fails in seconds instead of a minutes-long wait."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    host_port = address.removeprefix("ray://") if address else ""
+    if ":" in host_port:
+        host, _, port = host_port.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
+                              f"'ray start --head' or leave --address out to start Ray on this machine") from None
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+    except ConnectionError as exc:
+        raise ConfigError(f"--address {address}: {exc}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, report: Report) -> dict[str, Any]:

@@ -237,6 +237,7 @@ class Runtime:
                                    "learner/device": self.device}
         if c.eval.episodes:
             summary |= ray.get(self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes))
+        summary["placement"] = self.placement()
         if isinstance(c.env, LQREnvConfig):
             algorithm = make_algorithm(c.algorithm, self.obs_dim, self.low, self.high, "cpu")
             algorithm.load_policy_weights(ray.get(self.weights[1])[1])
@@ -246,6 +247,11 @@ class Runtime:
     def close(self) -> None:
         """Releases the run's placement group (its actors end with it)."""
         self.topology.remove()
+
+    def placement(self) -> dict[str, Any]:
+        """The Ray node of the learner, the replay actor and each rollout actor."""
+        return {"learner": ray.get(self.learner.node_id.remote()), "replay": ray.get(self.replay.node_id.remote()),
+                "actors": ray.get([s.handle.node_id.remote() for s in self.slots])}
 
     def actor_pids(self) -> list[int]:
         return ray.get([s.handle.pid.remote() for s in self.slots])

@@ -146,3 +146,19 @@ def test_bad_input_in_subprocess(tmp_path, name):
     result, run_dir = run_cli(tmp_path, experiment_path(tmp_path, experiment), *overrides)
     line = check_usage_error(result.returncode, result.stdout, result.stderr, tmp_path, run_dir)
     assert line.startswith(expected_line(expected, tmp_path)), line
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1:1", "softflow: error: --address 127.0.0.1:1: no Ray cluster answers there"),
+    ("auto", "softflow: error: --address auto: Could not find any running Ray instance"),
+])
+def test_an_address_with_no_cluster_behind_it_is_a_usage_error(tmp_path, monkeypatch, address, expected):
+    """Fails in seconds (Ray itself would retry for minutes), before any run directory is written."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ip = REPO / "cluster" / "experiments" / "inverted-pendulum.yaml"
+    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "softflow.deploy.cli"]
+    run_dir = tmp_path / "run"
+    result = subprocess.run([*command, "train", str(ip), "--address", address, "--run-dir", str(run_dir),
+                             "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    line = check_usage_error(result.returncode, "", result.stderr, tmp_path, run_dir)
+    assert line.startswith(expected), line
