@@ -6,6 +6,7 @@
     softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
     softflow bench runtime [EXPERIMENT.yaml [key=value ...]] [--seconds S]
     softflow bench rllib [--env ENV] [--seconds S] [--batch-size B] [--updates-per-step R]
+    softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
 
 Bad input ends with one line on stderr naming what is wrong, and exit code 2; a run that cannot go on (its learner
 died) ends with one line saying how to resume it, and exit code 1.
@@ -76,6 +77,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from softflow.deploy.sweep import run_sweep
+
+    run_sweep(args.sweep, args.overrides, sweep_dir=args.sweep_dir, address=args.address)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softflow", description="Flow-matching policies for max-entropy RL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--quick", action="store_true", help="2 updates, 1 repeat, no warm-up (for tests)")
     bench.set_defaults(func=_bench)
+
+    sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of an experiment (cluster/sweeps/)")
+    sweep.add_argument("sweep", help="sweep YAML, e.g. cluster/sweeps/actor-scaling.yaml")
+    sweep.add_argument("overrides", nargs="*",
+                       help="key=value: 'space.KEY={grid: [..]}' sets a key's search space, a sweep field "
+                            "(num_samples=4) sets it, anything else overrides the experiment of every trial")
+    sweep.add_argument("--sweep-dir", help="sweep directory (default runs/<name>-<time>)")
+    sweep.add_argument("--address", help="Ray cluster to join ('auto' or host:port; RAY_ADDRESS works too); "
+                                         "default: start Ray on this machine")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 

@@ -46,6 +46,20 @@ def experiment(**sections) -> dict:
     return tree
 
 
+@pytest.fixture
+def make_runtime(tmp_path):
+    """Builds Runtimes in ``tmp_path`` and releases their placement groups after the test, pass or fail."""
+    made = []
+
+    def make(config):
+        made.append(Runtime(config, tmp_path))
+        return made[-1]
+
+    yield make
+    for runtime in made:
+        runtime.close()
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -77,9 +91,8 @@ def test_rate_limiter_holds_the_update_to_data_ratio(tmp_path, actors):
     assert last["replay/samples"] >= utd * (last["replay/inserts"] - starts) - tolerance
 
 
-def test_killed_rollout_actor_is_restarted_and_the_run_completes(tmp_path):
-    config = parse_experiment(experiment(total_env_steps=2000))
-    runtime = Runtime(config, tmp_path)
+def test_killed_rollout_actor_is_restarted_and_the_run_completes(make_runtime):
+    runtime = make_runtime(parse_experiment(experiment(total_env_steps=2000)))
     victim = runtime.actor_pids()[0]
     killer = threading.Timer(3.0, os.kill, (victim, signal.SIGKILL))
     killer.start()
@@ -91,9 +104,8 @@ def test_killed_rollout_actor_is_restarted_and_the_run_completes(tmp_path):
     assert victim not in runtime.actor_pids()
 
 
-def test_killed_replay_actor_restarts_from_its_last_save(tmp_path):
-    config = parse_experiment(experiment(total_env_steps=2000))
-    runtime = Runtime(config, tmp_path)
+def test_killed_replay_actor_restarts_from_its_last_save(make_runtime):
+    runtime = make_runtime(parse_experiment(experiment(total_env_steps=2000)))
     victim = ray.get(runtime.replay.pid.remote())
     killer = threading.Timer(4.0, os.kill, (victim, signal.SIGKILL))
     killer.start()
@@ -173,3 +185,11 @@ def test_a_config_the_cluster_cannot_place_fails_fast(tmp_path):
     with pytest.raises(ConfigError, match=r"needs 8.5 CPUs but the Ray cluster has 4"):
         train(config, tmp_path, progress=False)
 
+
+
+def test_a_custom_resource_the_cluster_lacks_fails_fast(tmp_path):
+    from softflow.deploy.config import ConfigError
+
+    config = parse_experiment(experiment(actors={"resources": {"rollout": 1}}))
+    with pytest.raises(ConfigError, match=r"needs 2 of the custom resource 'rollout' .* the Ray cluster has 0"):
+        train(config, tmp_path, progress=False)
