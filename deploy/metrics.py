@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import wandb
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
@@ -254,6 +253,8 @@ class MetricsLogger:
 
     def _start_wandb(self, config: dict, wandb_config: WandbConfig, mode: str):
         """Starts the W&B run; returns it, the mode it runs in, and why online fell back to offline (or None)."""
+        import wandb  # here, not at the top: importing wandb costs a second that only W&B runs should pay
+
         try:
             return self._init_wandb(config, wandb_config, mode), mode, None
         except wandb.Error as error:
@@ -264,6 +265,8 @@ class MetricsLogger:
             return self._init_wandb(config, wandb_config, "offline"), "offline", reason
 
     def _init_wandb(self, config: dict, wandb_config: WandbConfig, mode: str):
+        import wandb
+
         # Global settings first: they silence wandb's terminal messages from before the run exists (the login line).
         wandb.setup(settings=wandb.Settings(silent=True))
         settings = wandb.Settings(
