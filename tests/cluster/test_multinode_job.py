@@ -12,9 +12,11 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,23 +52,28 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
     common = ["--block", "--disable-usage-stats", "--num-cpus=2"]
+    head_log, worker_log = root / "head.log", root / "worker.log"
+    # Ray's unix sockets live under --temp-dir and their paths must stay under 107 bytes: pytest's tmp paths are
+    # too long for that, so the cluster gets a short directory of its own.
+    ray_dir = Path(tempfile.mkdtemp(prefix="sf-ray-", dir="/tmp"))
     head = subprocess.Popen(
         [str(RAY), "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--resources={\"learner\": 1}",
-         f"--temp-dir={root / 'ray'}", *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         f"--temp-dir={ray_dir}", *common], env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT)
     processes = [head]
     try:
-        wait_for(lambda: port_open(dashboard_port), 90, "the head's dashboard")
+        wait_for(lambda: port_open(dashboard_port), 90, "the head's dashboard", head_log)
         worker = subprocess.Popen(
             [str(RAY), "start", f"--address={get_node_ip_address()}:{gcs_port}", "--resources={\"rollout\": 2}",
              *common],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=env, stdout=worker_log.open("w"), stderr=subprocess.STDOUT)
         processes.append(worker)
         address = f"http://127.0.0.1:{dashboard_port}"
-        wait_for(lambda: len(alive_nodes(address, env)) == 2, 90, "the worker node to join")
+        wait_for(lambda: len(alive_nodes(address, env)) == 2, 90, "the worker node to join", worker_log)
         yield address, env
     finally:
         stop(processes)
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def port_open(port: int) -> bool:
@@ -74,11 +81,12 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
+def wait_for(condition, timeout_s: float, what: str, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:g} s for {what}")
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise TimeoutError(f"waited {timeout_s:g} s for {what}\n{tail}")
         time.sleep(1.0)
 
 
