@@ -150,10 +150,11 @@ def test_bad_input_in_subprocess(tmp_path, name):
 
 @pytest.mark.parametrize("address, expected", [
     ("127.0.0.1:1", "softflow: error: --address 127.0.0.1:1: no Ray cluster answers there"),
-    ("auto", "softflow: error: --address auto: Could not find any running Ray instance"),
+    ("localhost:notaport", "softflow: error: --address localhost:notaport: no Ray cluster answers there"),
 ])
 def test_an_address_with_no_cluster_behind_it_is_a_usage_error(tmp_path, monkeypatch, address, expected):
-    """Fails in seconds (Ray itself would retry for minutes), before any run directory is written."""
+    """Fails in seconds (Ray itself would retry for minutes), before any run directory is written. ('auto' is not
+    tested: it joins whatever Ray happens to run on the machine.)"""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ip = REPO / "cluster" / "experiments" / "inverted-pendulum.yaml"
     command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "softflow.deploy.cli"]
