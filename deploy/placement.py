@@ -45,14 +45,20 @@ def topology_bundles(config: ExperimentConfig, gpus: float) -> list[dict[str, fl
     return [learner] + [dict(actor) for _ in range(config.actors.count)]
 
 
+def total_resources(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """What ``bundles`` need together, per resource."""
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
 def check_resources(config: ExperimentConfig, gpus: float) -> None:
     """Fails fast, with the numbers, when the cluster's totals cannot hold the run (per resource, custom ones
     included); what fits in total but not node by node is caught by the placement group's timeout."""
     have = ray.cluster_resources()
-    need: dict[str, float] = {}
-    for bundle in topology_bundles(config, gpus):
-        for key, value in bundle.items():
-            need[key] = need.get(key, 0.0) + value
+    need = total_resources(topology_bundles(config, gpus))
     c = config
     if need.get("CPU", 0) > have.get("CPU", 0) + _EPS:
         raise ConfigError(

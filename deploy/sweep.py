@@ -271,12 +271,11 @@ def check_resources(experiments: list[ExperimentConfig], values: list[dict[str, 
     would wait forever); names the first swept values that do not fit."""
     import ray
 
+    from softflow.deploy.placement import total_resources
+
     have = ray.cluster_resources()
     for experiment, where in zip(experiments, values):
-        need: dict[str, float] = defaultdict(float)
-        for bundle in trial_bundles(experiment):
-            for key, amount in bundle.items():
-                need[key] += amount
+        need = total_resources(trial_bundles(experiment))
         for key, amount in sorted(need.items()):
             if amount > have.get(key, 0.0) + 1e-9:
                 parts = (f" (its driver, the learner and {experiment.actors.count} x actors.num_cpus="
