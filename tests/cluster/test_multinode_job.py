@@ -31,15 +31,21 @@ SHORT_RUN = ["total_env_steps=400", "log_every_steps=100", "learner.learning_sta
              "actors.num_cpus=0.5", "learner.num_cpus=0.5", "replay.updates_per_step=0.25",
              "actors.resources={rollout: 1}", "learner.resources={learner: 1}", "wandb.mode=offline"]
 
-# slow: it passed in about 35 s on a quiet machine (and on fresh clones) but failed once while another training run
-# shared the 2 cores, before the job's run directory was written; until that is understood it runs with -m slow.
-pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+pytestmark = pytest.mark.timeout(600)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def agent_ports() -> list[str]:
+    """Ports of one node's agents. Ray's dashboard agent listens on 52365 unless told otherwise, so two nodes (or any
+    other Ray) on one machine would race for it, and the loser's job agent never registers: the Jobs API then answers
+    "No available agent" for good. Each node gets free ports of its own."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +67,14 @@ def cluster(tmp_path_factory):
     head = subprocess.Popen(
         [str(RAY), "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--resources={\"learner\": 1}",
-         f"--temp-dir={ray_dir}", *common], env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT)
+         f"--temp-dir={ray_dir}", *agent_ports(), *common],
+        env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT)
     processes = [head]
     try:
         wait_for(lambda: port_open(dashboard_port), 90, "the head's dashboard", head_log)
         worker = subprocess.Popen(
             [str(RAY), "start", f"--address={get_node_ip_address()}:{gcs_port}", "--resources={\"rollout\": 2}",
-             *common],
+             *agent_ports(), *common],
             env=env, stdout=worker_log.open("w"), stderr=subprocess.STDOUT)
         processes.append(worker)
         address = f"http://127.0.0.1:{dashboard_port}"
@@ -123,8 +130,8 @@ def submit(address: str, env: dict, entrypoint: str) -> tuple[str, str]:
 
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + 90
-    while True:  # the job agent of a fresh head answers "no available agent" for a few seconds
+    deadline = time.monotonic() + 180
+    while True:  # the job agent of a fresh head answers "no available agent" until it has registered
         try:
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
             break
