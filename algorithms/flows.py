@@ -28,6 +28,7 @@ import math
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
@@ -187,3 +188,19 @@ class FlowPolicy(nn.Module):
     def entropy(self, obs: torch.Tensor, num_samples: int = 16) -> torch.Tensor:
         """Monte-Carlo entropy per state, -E[log pi(a|s)], shape (B,)."""
         return -self.sample(obs, num_samples, with_log_prob=True).log_prob.mean(-1)
+
+
+class FlowConfig(BaseModel):
+    """The flow policy: an MLP velocity field with a sinusoidal time embedding, solved with fixed steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hidden: list[int] = Field([256, 256], min_length=1, description="velocity MLP widths")
+    time_dim: int = Field(32, ge=2, description="size of the time embedding (even)")
+    steps: int = Field(10, ge=1, description="ODE solver steps K")
+    integrator: Literal["euler", "midpoint"] = "euler"
+    log_prob: Literal["exact", "hutchinson"] = Field("exact", description="per-step Jacobian log-det or estimate")
+
+
+def make_flow_policy(config: FlowConfig, obs_dim: int, act_dim: int, squash: Squash) -> FlowPolicy:
+    velocity = MLPVelocity(obs_dim, act_dim, config.hidden, config.time_dim)
+    return FlowPolicy(velocity, squash, config.steps, config.integrator, config.log_prob)

@@ -21,28 +21,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
-from softflow.algorithms.flows import FlowPolicy, MLPVelocity
+from softflow.algorithms.flows import FlowConfig, FlowPolicy, make_flow_policy
 from softflow.algorithms.policy import PolicySample
 from softflow.algorithms.squash import Squash
-
-
-class FlowConfig(BaseModel):
-    """The flow policy: an MLP velocity field with a sinusoidal time embedding, solved with fixed steps."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    hidden: list[int] = Field([256, 256], min_length=1, description="velocity MLP widths")
-    time_dim: int = Field(32, ge=2, description="size of the time embedding (even)")
-    steps: int = Field(10, ge=1, description="ODE solver steps K")
-    integrator: Literal["euler", "midpoint"] = "euler"
-    log_prob: Literal["exact", "hutchinson"] = Field("exact", description="per-step Jacobian log-det or estimate")
-
-
-def make_flow_policy(config: FlowConfig, obs_dim: int, act_dim: int, squash: Squash) -> FlowPolicy:
-    velocity = MLPVelocity(obs_dim, act_dim, config.hidden, config.time_dim)
-    return FlowPolicy(velocity, squash, config.steps, config.integrator, config.log_prob)
 
 
 class ISFMConfig(AlgorithmConfig):
