@@ -12,10 +12,11 @@ import torch
 from pydantic import Field
 
 from softflow.algorithms.base import Algorithm, AlgorithmConfig
+from softflow.algorithms.fmer import FMER, FMERConfig
 from softflow.algorithms.isfm import ISFM, ISFMConfig
 from softflow.algorithms.sac import SAC, SACConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM}
+ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM, "fmer": FMER}
 
 AnyAlgorithmConfig = Annotated[Union[tuple(cls.Config for cls in ALGORITHMS.values())], Field(discriminator="name")]
 

@@ -105,10 +105,6 @@ class SoftActorCritic(Algorithm):
         self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.policy_lr)
         self.num_updates = 0
 
-    @property
-    def alpha(self) -> float:
-        return self.temperature.value
-
     def set_progress(self, fraction: float) -> None:
         """Linear learning-rate annealing from the configured rates to ``lr_final_fraction`` of them."""
         scale = 1.0 - min(max(fraction, 0.0), 1.0) * (1.0 - self.config.lr_final_fraction)
@@ -122,16 +118,28 @@ class SoftActorCritic(Algorithm):
 
     @abc.abstractmethod
     def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(loss to minimise, detached entropy estimate for alpha, extra metrics). ``next_sample`` holds
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """(loss to minimise, detached entropy estimate for alpha or None without an entropy term, extra metrics).
+        ``next_sample`` holds
         ``samples_per_next_state`` draws of the policy at each ``batch["next_obs"]``, shape (B, N, d)."""
 
+    @property
+    def entropy_regularised(self) -> bool:
+        """False for an ablation without the entropy term: alpha is 0 and no log-densities are computed."""
+        return True
+
+    @property
+    def alpha(self) -> float:
+        return self.temperature.value if self.entropy_regularised else 0.0
+
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        alpha = self.temperature.value
+        alpha = self.alpha
         with torch.no_grad():
-            next_sample = self.policy.sample(batch["next_obs"], self.samples_per_next_state, with_log_prob=True)
-        q_loss, q_mean = self.critic.td_loss(
-            batch, next_sample.action[:, 0], next_sample.log_prob[:, 0], alpha, self.config.gamma)
+            next_sample = self.policy.sample(batch["next_obs"], self.samples_per_next_state,
+                                             with_log_prob=self.entropy_regularised)
+        next_log_prob = next_sample.log_prob[:, 0] if self.entropy_regularised else torch.zeros_like(
+            next_sample.action[:, 0, 0])
+        q_loss, q_mean = self.critic.td_loss(batch, next_sample.action[:, 0], next_log_prob, alpha, self.config.gamma)
         self.q_optimizer.zero_grad()
         q_loss.backward()
         self.q_optimizer.step()
@@ -142,11 +150,14 @@ class SoftActorCritic(Algorithm):
                 self.policy_optimizer.zero_grad()
                 loss.backward()
                 self.policy_optimizer.step()
-                self.temperature.update(entropy)
-            metrics |= {"losses/policy_loss": loss.item(), "learner/entropy": entropy.item(), **extra}
+                if self.entropy_regularised:
+                    self.temperature.update(entropy)
+            metrics |= {"losses/policy_loss": loss.item(), **extra}
+            if entropy is not None:
+                metrics["learner/entropy"] = entropy.item()
         self.critic.update_targets(self.config.tau)
         self.num_updates += 1
-        metrics["learner/alpha"] = self.temperature.value
+        metrics["learner/alpha"] = self.alpha
         return metrics
 
     @torch.no_grad()

@@ -189,6 +189,19 @@ class FlowPolicy(nn.Module):
         """Monte-Carlo entropy per state, -E[log pi(a|s)], shape (B,)."""
         return -self.sample(obs, num_samples, with_log_prob=True).log_prob.mean(-1)
 
+    def flow_matching_loss(self, obs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted conditional flow matching on the straight path, towards latents ``targets`` x_1^j (B, M, d)
+        with weights w_j (B, M) at states ``obs`` (B, o):
+            L = mean_s sum_j w_j || v(x_t, t, s) - (x_1^j - x_0) ||^2,   x_t = (1 - t) x_0 + t x_1^j,
+        with a fresh x_0 ~ N(0, I) and t ~ U[0, 1] for every pair. No gradient flows through the solver."""
+        batch, m, d = targets.shape
+        x0 = torch.randn_like(targets)
+        t = torch.rand(batch, m, 1, device=targets.device, dtype=targets.dtype)
+        xt = (1 - t) * x0 + t * targets
+        v = self.velocity(xt.reshape(-1, d), t.reshape(-1, 1), obs.repeat_interleave(m, dim=0))
+        sq_err = (v.reshape(batch, m, d) - (targets - x0)).pow(2).sum(-1)
+        return (weights * sq_err).sum(1).mean()
+
 
 class FlowConfig(BaseModel):
     """The flow policy: an MLP velocity field with a sinusoidal time embedding, solved with fixed steps."""

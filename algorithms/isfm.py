@@ -53,17 +53,11 @@ class ISFM(SoftActorCritic):
         """The weighted flow-matching loss at the next states s' of the batch, whose M candidates (drawn in the
         same solve as the TD target's a') are reweighted by the critic as it is after this update's TD step."""
         obs = batch["next_obs"]
-        batch_size, m, d = candidates.latent.shape
+        m = candidates.latent.shape[1]
         with torch.no_grad():
             q = self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), candidates.action)
             log_ratio = q / self.temperature.value - candidates.log_prob
             weights = torch.softmax(self.config.weight_temperature * log_ratio, dim=1)
-        x1 = candidates.latent
-        x0 = torch.randn_like(x1)
-        t = torch.rand(batch_size, m, 1, device=obs.device)
-        xt = (1 - t) * x0 + t * x1
-        v = self.policy.velocity(xt.reshape(-1, d), t.reshape(-1, 1), obs.repeat_interleave(m, dim=0))
-        sq_err = (v.reshape(batch_size, m, d) - (x1 - x0)).pow(2).sum(-1)
-        loss = (weights * sq_err).sum(1).mean()
+        loss = self.policy.flow_matching_loss(obs, candidates.latent, weights)
         ess = (1.0 / weights.pow(2).sum(1)).mean() / m
         return loss, -candidates.log_prob.mean(), {"learner/weight_ess": ess.item()}
