@@ -15,8 +15,9 @@ from softflow.algorithms.base import Algorithm, AlgorithmConfig
 from softflow.algorithms.fmer import FMER, FMERConfig
 from softflow.algorithms.isfm import ISFM, ISFMConfig
 from softflow.algorithms.sac import SAC, SACConfig
+from softflow.algorithms.sacflow import SACFlow
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM, "fmer": FMER}
+ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM, "fmer": FMER, "sacflow": SACFlow}
 
 AnyAlgorithmConfig = Annotated[Union[tuple(cls.Config for cls in ALGORITHMS.values())], Field(discriminator="name")]
 

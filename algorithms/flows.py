@@ -204,7 +204,7 @@ class FlowPolicy(nn.Module):
 
 
 class FlowConfig(BaseModel):
-    """The flow policy: an MLP velocity field with a sinusoidal time embedding, solved with fixed steps."""
+    """The flow policy: a velocity field (an MLP by default) with a sinusoidal time embedding, solved with fixed steps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     hidden: list[int] = Field([256, 256], min_length=1, description="velocity MLP widths")
@@ -212,8 +212,25 @@ class FlowConfig(BaseModel):
     steps: int = Field(10, ge=1, description="ODE solver steps K")
     integrator: Literal["euler", "midpoint"] = "euler"
     log_prob: Literal["exact", "hutchinson"] = Field("exact", description="per-step Jacobian log-det or estimate")
+    velocity: Literal["mlp", "gated", "decoded"] = Field(
+        "mlp", description="velocity field: mlp, or SAC Flow's gated (Flow-G, widths ``hidden``) or decoded (Flow-T, "
+                           "d_model/heads/layers); velocities.py")
+    d_model: int = Field(96, ge=1, description="decoded velocity only: token width")
+    heads: int = Field(4, ge=1, description="decoded velocity only: attention heads (d_model must divide by it)")
+    layers: int = Field(2, ge=1, description="decoded velocity only: decoder layers")
+
+
+def make_velocity(config: FlowConfig, obs_dim: int, act_dim: int) -> VelocityField:
+    """The velocity field ``config.velocity`` names."""
+    if config.velocity == "mlp":
+        return MLPVelocity(obs_dim, act_dim, config.hidden, config.time_dim)
+    from softflow.algorithms.velocities import DecodedVelocity, GatedVelocity  # velocities.py builds on this module
+
+    if config.velocity == "gated":
+        return GatedVelocity(obs_dim, act_dim, config.hidden, config.time_dim)
+    return DecodedVelocity(obs_dim, act_dim, config.d_model, config.heads, config.layers, config.time_dim)
 
 
 def make_flow_policy(config: FlowConfig, obs_dim: int, act_dim: int, squash: Squash) -> FlowPolicy:
-    velocity = MLPVelocity(obs_dim, act_dim, config.hidden, config.time_dim)
-    return FlowPolicy(velocity, squash, config.steps, config.integrator, config.log_prob)
+    return FlowPolicy(make_velocity(config, obs_dim, act_dim), squash, config.steps, config.integrator,
+                      config.log_prob)
