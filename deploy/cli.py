@@ -6,7 +6,10 @@
     softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
     softflow bench runtime [EXPERIMENT.yaml [key=value ...]] [--seconds S]
     softflow bench rllib [--env ENV] [--seconds S] [--batch-size B] [--updates-per-step R]
+    softflow bench serve [EXPERIMENT.yaml | RUN_DIR | CHECKPOINT] [--seconds S] [--clients 1,8,64] [--fuzz N]
     softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
+    softflow serve RUN_DIR_OR_CHECKPOINT [--port P] [--host H] [--token-file F] [--tls-cert C --tls-key K] [...]
+    softflow act [--address HOST:PORT] [--obs JSON] [--candidates N] [--deterministic] [--seed S] [--token-file F]
 
 Bad input ends with one line on stderr naming what is wrong, and exit code 2; a run that cannot go on (its learner
 died) ends with one line saying how to resume it, and exit code 1.
@@ -58,7 +61,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "rllib":
+    if args.what == "serve":
+        from softflow.deploy.bench_serve import bench_serve
+
+        report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 5.0, clients=args.clients,
+                             fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms)
+    elif args.what == "rllib":
         from softflow.deploy.bench_rllib import bench_rllib
 
         report = bench_rllib(args.env, seconds=args.seconds or 120.0, batch_size=args.batch_size,
@@ -74,6 +82,23 @@ def _bench(args: argparse.Namespace) -> int:
         report = bench_learner(updates=args.updates, batch_size=args.batch_size, repeats=args.repeats,
                                device=args.device, quick=args.quick)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from softflow.deploy.serve import options_from_args, serve_forever
+
+    serve_forever(args.path, options_from_args(args), args.torch_threads)
+    return 0
+
+
+def _act(args: argparse.Namespace) -> int:
+    from softflow.deploy.client import act_command
+
+    try:
+        print(json.dumps(act_command(args), indent=2))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return 0
 
 
@@ -105,15 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_evaluate)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["learner", "runtime", "rllib"],
+    bench.add_argument("what", choices=["learner", "runtime", "rllib", "serve"],
                        help="learner: update and sampling costs; runtime: the Ray runtime's costs against the same "
                             "loops alone, for an experiment file; rllib: softflow's SAC against RLlib's SAC for the "
-                            "same wall time")
+                            "same wall time; serve: the gRPC policy server's latency and throughput, batched and "
+                            "unbatched, and a fuzz run")
     bench.add_argument("experiment", nargs="?", default="cluster/experiments/inverted-pendulum.yaml",
-                       help="runtime only: the experiment to measure (default: the Quickstart experiment)")
-    bench.add_argument("overrides", nargs="*", help="runtime only: key=value overrides of the experiment")
+                       help="runtime: the experiment to measure (default: the Quickstart experiment); serve: an "
+                            "experiment to train briefly and serve (default: the Quickstart experiment), or a run "
+                            "directory or checkpoint to serve")
+    bench.add_argument("overrides", nargs="*", help="runtime, serve: key=value overrides of the experiment")
     bench.add_argument("--seconds", type=float, default=None,
-                       help="runtime: seconds per timed loop (default 10); rllib: seconds per library (default 120)")
+                       help="runtime: seconds per timed loop (default 10); rllib: seconds per library (default "
+                            "120); serve: seconds per load level (default 5)")
+    bench.add_argument("--clients", default="1,8,64", help="serve only: concurrent clients per load level")
+    bench.add_argument("--fuzz", type=int, default=10_000, help="serve only: fuzzed requests (0: none)")
+    bench.add_argument("--max-batch-wait-ms", type=float, default=None,
+                       help="serve only: the batched server's wait (default: softflow serve's)")
     bench.add_argument("--env", default="HalfCheetah-v5", help="rllib only: the environment")
     bench.add_argument("--updates-per-step", type=float, default=1.0, help="rllib only: the UTD ratio of both")
     bench.add_argument("--updates", type=int, default=20, help="timed updates per algorithm")
@@ -132,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="Ray cluster to join ('auto' or host:port; RAY_ADDRESS works too); "
                                          "default: start Ray on this machine")
     sweep.set_defaults(func=_sweep)
+
+    from softflow.deploy.client import add_act_arguments
+    from softflow.deploy.serve import add_serve_arguments
+
+    serve = commands.add_parser("serve", help="serve a trained policy over gRPC (deploy/proto/policy_service.proto)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    act = commands.add_parser("act", help="ask a policy server for actions (JSON on stdout)")
+    add_act_arguments(act)
+    act.set_defaults(func=_act)
     return parser
 
 

@@ -1,0 +1,246 @@
+"""``softflow bench serve``: the gRPC policy server under load, batched against unbatched, and under fuzzing.
+
+1. Load: ``softflow serve`` runs twice as real processes on loopback (one torch thread each, no reload), batched
+   (the default flags) and with ``--no-batching``. For each number of concurrent clients (1, 8, 64 by default),
+   each server in turn gets ``seconds`` of closed-loop load: every client has its own channel and sends batch-1
+   ``Act`` requests one after the other. Reported: p50 and p99 latency, requests per second, and batched over
+   unbatched throughput at each level (the issue's target: >= 4 at 64 clients).
+2. Fuzz: ``fuzz`` requests to the batched server, 16 in flight: random bytes, random shapes and dtypes, NaN and
+   inf, wrong widths, mutated valid requests, oversized messages and batches, random candidates and seeds, and
+   valid requests between them. Reported: the count of each status, that the server process is alive and answers
+   a valid request afterwards, and its resident memory before, during and after.
+
+The policy is the Quickstart experiment's (its network sizes and best-of-N), trained for a few hundred steps in
+serial mode unless a run directory or checkpoint is given. The load generator (grpc.aio) shares the machine with
+the servers: on 2 cores the figures are what a client and a server on one small machine get, and the ratios
+are the result (DESIGN.md, "Performance").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from softflow.deploy.config import ConfigError, load_experiment
+from softflow.deploy.policies import checkpoint_path
+from softflow.deploy.proto import ACT_METHOD, ActRequest, InfoRequest, PolicyServiceStub, Tensor, to_tensor
+
+TRAIN_OVERRIDES = ["actors.count=0", "total_env_steps=500", "learner.learning_starts=250", "eval.episodes=0",
+                   "wandb.mode=disabled"]
+WARMUP_S = 1.0
+FUZZ_IN_FLIGHT = 16
+RSS_SAMPLES = 10
+
+
+def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, clients: str = "1,8,64",
+                fuzz: int = 10_000, max_batch_wait_ms: float | None = None) -> dict:
+    """Both measurements for ``source`` (an experiment file to train briefly, a run directory or a checkpoint);
+    one JSON-ready dict."""
+    try:
+        levels = [int(n) for n in clients.split(",")]
+    except ValueError:
+        raise ConfigError(f"--clients must be comma-separated integers (got {clients!r})") from None
+    if seconds <= 0 or fuzz < 0 or not levels or min(levels) < 1:
+        raise ConfigError("--seconds and every --clients level must be positive, --fuzz at least 0")
+    with tempfile.TemporaryDirectory(prefix="softflow-bench-serve-") as scratch:
+        checkpoint = prepare_checkpoint(source, overrides, Path(scratch))
+        batched_flags = [] if max_batch_wait_ms is None else ["--max-batch-wait-ms", str(max_batch_wait_ms)]
+        with ServerProcess(checkpoint, batched_flags) as batched, ServerProcess(checkpoint, ["--no-batching"]) as plain:
+            info = batched.info
+            obs_dim = info.observation_space.shape[0]
+            load, ratios = [], {}
+            for n in levels:
+                rows = {}
+                for mode, server in (("unbatched", plain), ("batched", batched)):
+                    rows[mode] = {"mode": mode, "clients": n,
+                                  **asyncio.run(closed_loop(server.address, obs_dim, n, seconds))}
+                    load.append(rows[mode])
+                ratios[str(n)] = rows["batched"]["requests_per_s"] / rows["unbatched"]["requests_per_s"]
+            fuzzed = run_fuzz(batched, obs_dim, fuzz) if fuzz else None
+    return {
+        "benchmark": "serve", "source": str(source), "overrides": overrides,
+        "env": info.env_id, "algorithm": info.algorithm, "candidates": info.default_candidates,
+        "device": info.device, "cpus": os.cpu_count(),
+        "params": {"seconds": seconds, "warmup_s": WARMUP_S, "clients": levels, "rows_per_request": 1,
+                   "max_batch_rows": info.max_batch_rows, "max_batch_wait_ms": info.max_batch_wait_ms,
+                   "server_torch_threads": 1},
+        "load": load, "batched_over_unbatched_throughput": ratios, "fuzz": fuzzed,
+    }
+
+
+def prepare_checkpoint(source: str | Path, overrides: list[str], scratch: Path) -> Path:
+    """The checkpoint to serve: ``source`` itself, or that of a short serial run of the experiment ``source``."""
+    if Path(source).suffix not in (".yaml", ".yml"):
+        return checkpoint_path(source)
+    from softflow.deploy.driver import train
+
+    config = load_experiment(source, [*TRAIN_OVERRIDES, *overrides])
+    with contextlib.redirect_stdout(sys.stderr):
+        train(config, scratch / "run", progress=False)
+    return checkpoint_path(scratch / "run")
+
+
+class ServerProcess:
+    """``softflow serve CHECKPOINT --port 0 --torch-threads 1 --reload-interval 0 FLAGS`` as a subprocess; the
+    port comes from its first line."""
+
+    def __init__(self, checkpoint: Path, flags: list[str]):
+        self.command = [sys.executable, "-m", "softflow.deploy.cli", "serve", str(checkpoint), "--port", "0",
+                        "--torch-threads", "1", "--reload-interval", "0", *flags]
+
+    def __enter__(self) -> "ServerProcess":
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SOFTFLOW_LOG_LEVEL": "WARNING"}
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
+        line = self.process.stdout.readline()
+        match = re.search(r" at (\S+)$", line.strip())
+        if match is None:
+            self.__exit__()
+            self.log.seek(0)
+            raise RuntimeError(f"softflow serve did not start: {self.log.read().decode()[-2000:]}")
+        self.address = match.group(1)
+        with grpc.insecure_channel(self.address) as channel:
+            self.info = PolicyServiceStub(channel).Info(InfoRequest(), timeout=30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process (Linux /proc)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+async def closed_loop(address: str, obs_dim: int, clients: int, seconds: float) -> dict:
+    """``clients`` clients, each on its own channel sending one batch-1 request after the other, for
+    ``WARMUP_S + seconds``; latency percentiles and throughput over the last ``seconds``."""
+    rng = np.random.default_rng(0)
+    done: list[tuple[float, float]] = []
+    errors: dict[str, int] = {}
+    start = time.perf_counter()
+    measure_from, stop_at = start + WARMUP_S, start + WARMUP_S + seconds
+
+    async def client() -> None:
+        request = ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))
+        async with grpc.aio.insecure_channel(address) as channel:
+            act = PolicyServiceStub(channel).Act
+            while (sent := time.perf_counter()) < stop_at:
+                try:
+                    await act(request, timeout=30)
+                except grpc.RpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                if sent >= measure_from:
+                    done.append((sent, time.perf_counter() - sent))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    latencies = sorted(latency for _, latency in done)
+    elapsed = max(end for end in (sent + latency for sent, latency in done)) - measure_from if done else seconds
+    return {"requests": len(latencies), "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": statistics.median(latencies) * 1e3 if latencies else None,
+            "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3 if latencies else None,
+            "errors": errors}
+
+
+def fuzz_request(rng: np.random.Generator, obs_dim: int, max_message_bytes: int) -> bytes:
+    """One hostile (or, one time in eight, valid) serialised request."""
+    def valid(rows: int) -> ActRequest:
+        return ActRequest(observations=to_tensor(rng.standard_normal((rows, obs_dim), dtype=np.float32)))
+
+    kind = int(rng.integers(9))
+    if kind == 0:  # random bytes
+        return rng.bytes(int(rng.integers(0, 512)))
+    if kind == 1:  # random shape, dtype and data length
+        shape = [int(x) for x in rng.choice([-1, 0, 1, 2, obs_dim, 7, 1 << 31, 1 << 62], int(rng.integers(0, 5)))]
+        dtype = str(rng.choice(["float32", "float64", "int64", "", "f4", "<f4", rng.bytes(6).hex()]))
+        tensor = Tensor(dtype=dtype, shape=shape, data=rng.bytes(int(rng.integers(0, 256))))
+        return ActRequest(observations=tensor).SerializeToString()
+    if kind == 2:  # NaN and inf among finite values
+        request = valid(int(rng.integers(1, 8)))
+        obs = np.frombuffer(request.observations.data, np.float32).copy()
+        obs[rng.integers(len(obs))] = rng.choice([np.nan, np.inf, -np.inf])
+        request.observations.data = obs.tobytes()
+        return request.SerializeToString()
+    if kind == 3:  # wrong width
+        width = int(rng.choice([1, obs_dim + 1, 3 * obs_dim]))
+        return ActRequest(observations=to_tensor(np.zeros((2, width), np.float32))).SerializeToString()
+    if kind == 4:  # random candidates, deterministic flag and seed
+        request = valid(int(rng.integers(1, 4)))
+        request.candidates = int(rng.choice([0, 1, 2, 64, 257, (1 << 32) - 1]))
+        request.deterministic = bool(rng.integers(2))
+        if rng.integers(2):
+            request.seed = int(rng.integers(0, 1 << 63))
+        return request.SerializeToString()
+    if kind == 5:  # a valid request with its bytes mutated
+        data = bytearray(valid(2).SerializeToString())
+        for i in rng.integers(0, len(data), int(rng.integers(1, 8))):
+            data[i] = int(rng.integers(256))
+        return bytes(data)
+    if kind == 6:  # an empty batch, or more rows than the server takes
+        rows = int(rng.choice([0, 1025, 1 << 40]))
+        return ActRequest(observations=Tensor(dtype="float32", shape=[rows, obs_dim])).SerializeToString()
+    if kind == 7 and rng.random() < 0.02:  # a message over the size limit
+        return ActRequest(observations=Tensor(dtype="float32", shape=[1, obs_dim],
+                                              data=bytes(max_message_bytes + 1))).SerializeToString()
+    return valid(1).SerializeToString()
+
+
+def run_fuzz(server: ServerProcess, obs_dim: int, requests: int, seed: int = 0) -> dict:
+    """Sends ``requests`` fuzzed requests to ``server``; statuses, survival and memory."""
+    rng = np.random.default_rng(seed)
+    statuses: dict[str, int] = {}
+    rss = [server.rss_mb()]
+
+    async def send_all() -> None:
+        queue = iter(range(requests))
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            act = channel.unary_unary(ACT_METHOD)
+
+            async def sender() -> None:
+                for i in queue:
+                    try:
+                        await act(fuzz_request(rng, obs_dim, server.info.max_message_bytes), timeout=30)
+                        code = "OK"
+                    except grpc.RpcError as exc:
+                        code = exc.code().name
+                    statuses[code] = statuses.get(code, 0) + 1
+                    if (i + 1) % max(1, requests // RSS_SAMPLES) == 0:
+                        rss.append(server.rss_mb())
+
+            await asyncio.gather(*(sender() for _ in range(FUZZ_IN_FLIGHT)))
+
+    start = time.perf_counter()
+    asyncio.run(send_all())
+    elapsed = time.perf_counter() - start
+    alive = server.process.poll() is None
+    answer = None
+    if alive:
+        with grpc.insecure_channel(server.address) as channel:
+            request = ActRequest(observations=to_tensor(np.zeros((3, obs_dim), np.float32)))
+            answer = PolicyServiceStub(channel).Act(request, timeout=30)
+    valid_after = answer is not None and list(answer.actions.shape) == [3, server.info.action_space.shape[0]]
+    return {"requests": requests, "seconds": elapsed, "statuses": dict(sorted(statuses.items())),
+            "unexpected_statuses": {k: v for k, v in statuses.items()
+                                    if k not in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")},
+            "server_alive": alive, "valid_request_answered_after": valid_after,
+            "rss_mb_before": rss[0], "rss_mb_after": rss[-1], "rss_mb_samples": rss}

@@ -1,0 +1,323 @@
+"""``softflow serve``: a trained policy answers action queries over gRPC (deploy/proto/policy_service.proto).
+
+One asyncio gRPC server (grpc.aio) runs:
+
+- ``softflow.v1.PolicyService``: ``Act`` (observations in, best-of-N actions out, as ``softflow.load_policy(...)
+  .act`` computes them) and ``Info``; and the standard health service ``grpc.health.v1.Health``.
+- The :class:`~softflow.deploy.serve_policy.Batcher`, which turns concurrent ``Act`` calls into few policy calls.
+- A checkpoint watcher: every ``reload_interval_s`` it looks at the checkpoint file (a run directory's
+  ``checkpoints/latest.pt``, which the learner replaces by an atomic rename); a new file is loaded beside the one
+  serving and swapped in between two batches, so no request is dropped or answered by half of each.
+
+Hostile input: each request is checked before it is queued (deploy/serve_policy.py says which status each fault
+gets); messages over ``max_message_bytes`` and calls beyond ``max_concurrent_rpcs`` get RESOURCE_EXHAUSTED from
+gRPC itself; calls without the right bearer token get UNAUTHENTICATED. Each refusal is one line naming what is
+wrong, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from softflow.deploy.config import ConfigError
+from softflow.deploy.policies import checkpoint_path
+from softflow.deploy.proto import (AUTH_HEADER, SERVICE_NAME, ActResponse, InfoRequest, InfoResponse, Space,
+                                   read_token, to_tensor)
+from softflow.deploy.serve_policy import (Batcher, CheckpointChanged, RequestError, file_signature, load_served,
+                                          parse_act_request)
+
+log = logging.getLogger("softflow.serve")
+Status = grpc.StatusCode
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """How the server listens, what it accepts, and how it batches (the ``softflow serve`` flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    token: str | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    batching: bool = True
+    max_batch_rows: int = 256
+    max_batch_wait_ms: float = 1.0
+    max_request_rows: int = 1024
+    max_candidates: int = 256
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_rpcs: int = 512
+    reload_interval_s: float = 2.0
+    device: str = "auto"
+
+    def check(self) -> None:
+        """ConfigError for contradictory or unsafe settings."""
+        for name in ("max_batch_rows", "max_request_rows", "max_candidates", "max_message_bytes",
+                     "max_concurrent_rpcs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.max_batch_wait_ms < 0 or self.reload_interval_s < 0:
+            raise ConfigError("--max-batch-wait-ms and --reload-interval cannot be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("give both --tls-cert and --tls-key, or neither")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible here; use auto or cpu")
+        if self.token is None and not is_loopback(self.host):
+            raise ConfigError(f"--host {self.host} is reachable from other machines: give --token-file (and "
+                              f"--tls-cert/--tls-key) so that only your clients can query the policy")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for every call but health checks that lacks ``authorization: Bearer <token>``
+    (compared in constant time)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        sent = dict(details.invocation_metadata or ()).get(AUTH_HEADER)
+        if sent is not None and hmac.compare_digest(str(sent).encode(), self._expected):
+            return await continuation(details)
+        message = ("no token: send the metadata 'authorization: Bearer <token>'" if sent is None
+                   else "wrong token in the 'authorization' metadata")
+
+        async def deny(request, context):
+            await context.abort(Status.UNAUTHENTICATED, message)
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class PolicyServer:
+    """The gRPC policy server for a run directory or checkpoint file. ``start`` and ``stop`` run in an asyncio
+    loop; :class:`BackgroundServer` runs one in a thread, :func:`serve_forever` in the foreground."""
+
+    def __init__(self, path: str | Path, options: ServeOptions):
+        options.check()
+        self.path = Path(path)
+        self.options = options
+        self.served = load_served(self.path, options.torch_device)
+        self.port: int | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> int:
+        """Binds, starts serving, and returns the port (the one the OS chose for port 0)."""
+        o = self.options
+        self.batcher = Batcher(lambda: self.served, o.batching, o.max_batch_rows, o.max_batch_wait_ms)
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(
+            interceptors=[BearerTokenAuth(o.token)] if o.token else [],
+            options=[("grpc.max_receive_message_length", o.max_message_bytes),
+                     ("grpc.max_send_message_length", o.max_message_bytes), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=o.max_concurrent_rpcs)
+        # raw bytes in, parsed in the handler: a request that is not an ActRequest gets INVALID_ARGUMENT, not the
+        # INTERNAL that a failing generated deserializer would give
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Act": grpc.unary_unary_rpc_method_handler(self._act, response_serializer=ActResponse.SerializeToString),
+            "Info": grpc.unary_unary_rpc_method_handler(self._info, request_deserializer=InfoRequest.FromString,
+                                                        response_serializer=InfoResponse.SerializeToString)})])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        address = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
+        try:
+            if o.tls_cert is not None:
+                self.port = self._server.add_secure_port(
+                    address, grpc.ssl_server_credentials([(o.tls_key, o.tls_cert)]))
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address} ({exc}); is the port taken?") from None
+        await self._server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks = [asyncio.create_task(self.batcher.run())]
+        if o.reload_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._watch()))
+        return self.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _act(self, raw: bytes, context: grpc.aio.ServicerContext) -> ActResponse:
+        served = self.served
+        try:
+            query = parse_act_request(raw, served, self.options.max_request_rows, self.options.max_candidates)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        try:
+            actions, served = await self.batcher.act(query)
+        except Exception as exc:
+            await context.abort(Status.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
+        return ActResponse(actions=to_tensor(actions), checkpoint_version=served.version,
+                           candidates=query.candidates)
+
+    async def _info(self, request: InfoRequest, context: grpc.aio.ServicerContext) -> InfoResponse:
+        s, o = self.served, self.options
+        return InfoResponse(
+            env_id=s.env_id, algorithm=s.algorithm, observation_space=Space(shape=[s.obs_dim]),
+            action_space=Space(shape=[s.act_dim], low=s.low, high=s.high), checkpoint_version=s.version,
+            checkpoint_updates=s.updates, checkpoint_path=str(s.file), default_candidates=s.policy.candidates,
+            max_request_rows=o.max_request_rows, max_candidates=o.max_candidates,
+            max_message_bytes=o.max_message_bytes, device=str(s.policy.algorithm.device),
+            max_batch_rows=o.max_batch_rows if o.batching else 1,
+            max_batch_wait_ms=o.max_batch_wait_ms if o.batching else 0.0)
+
+    async def _watch(self) -> None:
+        """Swaps in a new checkpoint when the file changes; a checkpoint that fails to load, or that has other
+        spaces, is logged once and the serving one stays."""
+        loop = asyncio.get_running_loop()
+        refused = None
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="softflow-reload") as loader:
+            while True:
+                await asyncio.sleep(self.options.reload_interval_s)
+                try:
+                    signature = file_signature(checkpoint_path(self.path))
+                except (ConfigError, OSError):
+                    continue
+                if signature in (self.served.signature, refused):
+                    continue
+                try:
+                    new = await loop.run_in_executor(loader, load_served, self.path, self.options.torch_device)
+                except CheckpointChanged:
+                    continue
+                except Exception as exc:
+                    refused = signature
+                    log.warning("not reloading %s: %s: %s", self.path, type(exc).__name__, exc)
+                    continue
+                old = self.served
+                if (new.obs_dim, new.low, new.high) != (old.obs_dim, old.low, old.high):
+                    refused = new.signature
+                    log.warning("not reloading %s: its spaces differ from those being served", new.file)
+                    continue
+                self.served = new
+                log.info("reloaded %s: version %d -> %d", new.file, old.version, new.version)
+
+
+class BackgroundServer:
+    """A :class:`PolicyServer` on its own event loop in a daemon thread (for tests, benchmarks and notebooks):
+    ``with BackgroundServer(path, options) as server: PolicyClient(server.address)``."""
+
+    def __init__(self, path: str | Path, options: ServeOptions):
+        self.server = PolicyServer(path, options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="softflow-serve", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.options.host}:{self.server.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=30)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+def add_serve_arguments(parser) -> None:
+    """The ``softflow serve`` flags (deploy/cli.py)."""
+    d = ServeOptions()
+    parser.add_argument("path", help="a run directory (its checkpoints/latest.pt, reloaded as training replaces it) "
+                                     "or a checkpoint file")
+    parser.add_argument("--host", default=d.host, help="address to listen on (default loopback; any other needs "
+                                                       "--token-file)")
+    parser.add_argument("--port", type=int, default=d.port, help="0 picks a free port (printed at start)")
+    parser.add_argument("--token-file", help="file holding the bearer token clients must send")
+    parser.add_argument("--tls-cert", help="PEM certificate (chain) for TLS; needs --tls-key")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--no-batching", action="store_true", help="one policy call per request (the baseline)")
+    parser.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows, help="most rows per policy call")
+    parser.add_argument("--max-batch-wait-ms", type=float, default=d.max_batch_wait_ms,
+                        help="longest wait for more requests once one is queued (0: batch only what is queued)")
+    parser.add_argument("--max-request-rows", type=int, default=d.max_request_rows, help="most rows per request")
+    parser.add_argument("--max-candidates", type=int, default=d.max_candidates, help="most candidates per state")
+    parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest request")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
+                        help="calls in progress at once; more get RESOURCE_EXHAUSTED")
+    parser.add_argument("--reload-interval", type=float, default=d.reload_interval_s,
+                        help="seconds between looks for a new checkpoint (0: never reload)")
+    parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+                        help="inference device (auto: CUDA when visible)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+
+
+def options_from_args(args) -> ServeOptions:
+    """ServeOptions from the ``softflow serve`` flags, reading the token and TLS files; ConfigError if unreadable."""
+    def read(path: str | None, what: str) -> bytes | None:
+        try:
+            return None if path is None else Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+    try:
+        token = None if args.token_file is None else read_token(args.token_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return ServeOptions(
+        host=args.host, port=args.port, token=token, tls_cert=read(args.tls_cert, "--tls-cert"),
+        tls_key=read(args.tls_key, "--tls-key"), batching=not args.no_batching, max_batch_rows=args.max_batch_rows,
+        max_batch_wait_ms=args.max_batch_wait_ms, max_request_rows=args.max_request_rows,
+        max_candidates=args.max_candidates, max_message_bytes=args.max_message_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, reload_interval_s=args.reload_interval, device=args.device)
+
+
+def serve_forever(path: str | Path, options: ServeOptions, torch_threads: int = 0) -> None:
+    """Serves until SIGINT or SIGTERM, then stops gracefully (in-flight calls get a moment to finish)."""
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    server = PolicyServer(path, options)
+
+    async def main() -> None:
+        port = await server.start()
+        s, o = server.served, options
+        scheme = "TLS" if o.tls_cert else "plaintext"
+        auth = "token required" if o.token else "no token"
+        batching = (f"batching up to {o.max_batch_rows} rows, {o.max_batch_wait_ms:g} ms wait" if o.batching
+                    else "no batching")
+        print(f"softflow: serving {s.file} ({s.algorithm} on {s.env_id}, version {s.version}, "
+              f"{s.policy.algorithm.device}; {scheme}, {auth}, {batching}) at {o.host}:{port}", flush=True)
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        await server.stop()
+
+    logging.basicConfig(level=os.environ.get("SOFTFLOW_LOG_LEVEL", "INFO"),
+                        format="softflow serve %(asctime)s %(levelname)s %(message)s")
+    asyncio.run(main())

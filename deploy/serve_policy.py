@@ -1,0 +1,250 @@
+"""Between a gRPC request and the policy: loading a checkpoint for serving, checking requests, batching them.
+
+- :func:`load_served`: a run directory's ``checkpoints/latest.pt`` (or a checkpoint file) as a policy on the
+  inference device, with the checkpoint's version.
+- :func:`parse_act_request`: raw request bytes to an :class:`ActQuery`, or a :class:`RequestError` with the gRPC
+  status and a one-line reason: INVALID_ARGUMENT for malformed requests (not an ActRequest, a dtype other than
+  float32/float64, a shape that is not (rows, obs_dim) or does not match the data, an empty batch, NaN or inf,
+  deterministic with several candidates), RESOURCE_EXHAUSTED for well-formed ones over a limit (rows, candidates).
+- :class:`Batcher`: concurrent queries wait in one queue; it gathers up to ``max_rows`` rows, waiting at most
+  ``max_wait_ms`` for more, makes one policy call per candidate count in a single inference thread (the event loop
+  keeps taking requests meanwhile), and hands each caller its rows. A seeded query is served alone, under its seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from softflow.deploy.policies import Policy, checkpoint_path, load_policy
+from softflow.deploy.proto import ActRequest, from_tensor
+from softflow.learner.learner import load_checkpoint
+
+log = logging.getLogger("softflow.serve")
+Status = grpc.StatusCode
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedPolicy:
+    """A loaded checkpoint: the policy on its inference device and what ``Info`` reports about it."""
+
+    policy: Policy
+    file: Path
+    signature: tuple[int, int, int]
+    version: int
+    updates: int
+    env_id: str
+    algorithm: str
+    obs_dim: int
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    @property
+    def act_dim(self) -> int:
+        return len(self.low)
+
+
+def file_signature(file: Path) -> tuple[int, int, int]:
+    """(inode, mtime, size): a checkpoint replaced by a rename or rewritten gets a new signature."""
+    stat = file.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+class CheckpointChanged(Exception):
+    """The checkpoint file was replaced while it was being read; read it again."""
+
+
+def load_served(path: str | Path, device: torch.device) -> ServedPolicy:
+    """The policy of a run directory or checkpoint file on ``device``, with the checkpoint's version."""
+    file = checkpoint_path(path)
+    signature = file_signature(file)
+    policy = load_policy(file)
+    state = load_checkpoint(file, "cpu")
+    if file_signature(file) != signature:
+        raise CheckpointChanged(str(file))
+    algorithm = policy.algorithm
+    algorithm.policy.to(device)
+    algorithm.critic.to(device)
+    algorithm.device = device
+    spaces = state["spaces"]
+    return ServedPolicy(policy=policy, file=file, signature=signature,
+                        version=int(state.get("version", state.get("updates", 0))),
+                        updates=int(state.get("updates", 0)), env_id=policy.config["env"]["id"],
+                        algorithm=policy.config["algorithm"]["name"], obs_dim=int(spaces["obs_dim"]),
+                        low=tuple(spaces["low"]), high=tuple(spaces["high"]))
+
+
+class RequestError(Exception):
+    """A request the server refuses: a gRPC status and a one-line message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuery:
+    """A checked ``Act`` request: (rows, obs_dim) finite float32 observations."""
+
+    obs: np.ndarray
+    candidates: int
+    seed: int | None
+
+
+def parse_act_request(raw: bytes, served: ServedPolicy, max_rows: int, max_candidates: int) -> ActQuery:
+    """The query in a serialised ActRequest; RequestError when it is malformed or over a limit."""
+    try:
+        request = ActRequest.FromString(raw)
+    except DecodeError:
+        raise RequestError(Status.INVALID_ARGUMENT, "the request is not a valid softflow.v1.ActRequest") from None
+    if not request.HasField("observations"):
+        raise RequestError(Status.INVALID_ARGUMENT, "the request has no observations")
+    shape = list(request.observations.shape)
+    if len(shape) != 2:
+        raise RequestError(Status.INVALID_ARGUMENT, f"observations must have shape (rows, {served.obs_dim}); "
+                                                    f"got {shape[:8]}{'...' if len(shape) > 8 else ''}")
+    if shape[0] == 0:
+        raise RequestError(Status.INVALID_ARGUMENT, "empty batch: send at least one observation row")
+    if shape[0] > max_rows:
+        raise RequestError(Status.RESOURCE_EXHAUSTED, f"{shape[0]} observation rows is over this server's limit "
+                                                      f"of {max_rows} per request; split the batch")
+    if shape[1] != served.obs_dim:
+        raise RequestError(Status.INVALID_ARGUMENT, f"observations have {shape[1]} values per row but this policy "
+                                                    f"({served.env_id}) takes {served.obs_dim}")
+    try:
+        obs = from_tensor(request.observations)
+    except ValueError as exc:
+        raise RequestError(Status.INVALID_ARGUMENT, f"observations: {exc}") from None
+    obs = obs.astype(np.float32)
+    finite = np.isfinite(obs).all(axis=1)
+    if not finite.all():
+        raise RequestError(Status.INVALID_ARGUMENT, f"observation row {int(np.argmin(finite))} has NaN or inf "
+                                                    f"values (or float64 values beyond float32's range)")
+    candidates = request.candidates or (1 if request.deterministic else served.policy.candidates)
+    if request.deterministic and candidates != 1:
+        raise RequestError(Status.INVALID_ARGUMENT, f"deterministic asks for the zero-noise action, one candidate; "
+                                                    f"leave candidates at 0 or 1 (got {candidates})")
+    if candidates > max_candidates:
+        raise RequestError(Status.RESOURCE_EXHAUSTED, f"{candidates} candidates is over this server's limit of "
+                                                      f"{max_candidates}")
+    return ActQuery(obs, candidates, request.seed if request.HasField("seed") else None)
+
+
+def infer(served: ServedPolicy, obs: np.ndarray, candidates: int, seed: int | None) -> np.ndarray:
+    """Best-of-``candidates`` actions for ``obs``, as ``Policy.act`` computes them (explore=False); under ``seed``
+    with the global torch RNG forked, so seeded calls leave the other calls' randomness alone."""
+    if seed is None:
+        return served.policy.algorithm.act(obs, False, candidates)
+    devices = [served.policy.algorithm.device] if served.policy.algorithm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return served.policy.algorithm.act(obs, False, candidates)
+
+
+@dataclasses.dataclass
+class _Job:
+    query: ActQuery
+    future: asyncio.Future
+
+
+class Batcher:
+    """Gathers concurrent queries into policy calls (see the module docstring); one inference thread.
+
+    ``current`` returns the policy to serve the next batch with, so a reload takes effect between two batches.
+    Without ``batching`` every query is its own policy call (the unbatched baseline). ``policy_calls`` and
+    ``queries_served`` count what it has done.
+    """
+
+    def __init__(self, current: Callable[[], ServedPolicy], batching: bool, max_rows: int, max_wait_ms: float):
+        self._current = current
+        self._batching = batching
+        self._max_rows = max_rows
+        self._max_wait_s = max_wait_ms / 1e3
+        self._jobs: deque[_Job] = deque()
+        self._arrived = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="softflow-inference")
+        self.policy_calls = 0
+        self.queries_served = 0
+
+    async def act(self, query: ActQuery) -> tuple[np.ndarray, ServedPolicy]:
+        """The actions for ``query`` and the policy that computed them."""
+        job = _Job(query, asyncio.get_running_loop().create_future())
+        self._jobs.append(job)
+        self._arrived.set()
+        return await job.future
+
+    async def run(self) -> None:
+        """Serves the queue until cancelled."""
+        try:
+            while True:
+                jobs = await self._gather()
+                served = self._current()
+                by_candidates: dict[int, list[_Job]] = {}
+                for job in jobs:
+                    if not job.future.done():  # its caller went away
+                        by_candidates.setdefault(job.query.candidates, []).append(job)
+                for candidates, group in by_candidates.items():
+                    await self._serve(served, candidates, group)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _wait_for_job(self, timeout: float | None) -> bool:
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _gather(self) -> list[_Job]:
+        while not self._jobs:
+            await self._wait_for_job(None)
+        jobs = [self._jobs.popleft()]
+        if not self._batching or jobs[0].query.seed is not None:
+            return jobs
+        rows = len(jobs[0].query.obs)
+        deadline = asyncio.get_running_loop().time() + self._max_wait_s
+        while rows < self._max_rows:
+            if not self._jobs:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0 or not await self._wait_for_job(remaining):
+                    break
+                continue
+            following = self._jobs[0].query
+            if following.seed is not None or rows + len(following.obs) > self._max_rows:
+                break
+            jobs.append(self._jobs.popleft())
+            rows += len(following.obs)
+        return jobs
+
+    async def _serve(self, served: ServedPolicy, candidates: int, group: list[_Job]) -> None:
+        obs = np.concatenate([job.query.obs for job in group]) if len(group) > 1 else group[0].query.obs
+        loop = asyncio.get_running_loop()
+        try:
+            actions = await loop.run_in_executor(self._executor, infer, served, obs, candidates,
+                                                 group[0].query.seed)
+        except Exception as exc:  # the callers get INTERNAL with the reason; the server goes on
+            log.exception("inference failed for %d rows", len(obs))
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self.policy_calls += 1
+        start = 0
+        for job in group:
+            rows = len(job.query.obs)
+            if not job.future.done():
+                job.future.set_result((actions[start:start + rows], served))
+                self.queries_served += 1
+            start += rows

@@ -1,0 +1,219 @@
+"""The gRPC policy server on loopback, serving a tiny ISFM policy trained by the test: answers equal
+``softflow.load_policy(...).act`` for the same seed, concurrent calls are batched with each caller getting its own
+rows, a run directory's new checkpoints are swapped in while a client keeps asking, and the ``softflow serve`` /
+``softflow act`` commands. Hostile input is in test_serve_hostile.py."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import softflow
+from softflow.deploy import PolicyClient
+from softflow.deploy.cli import main
+from softflow.deploy.config import parse_experiment
+from softflow.deploy.driver import train
+from softflow.deploy.serve import BackgroundServer, ServeOptions
+from softflow.learner.learner import load_checkpoint, save_checkpoint
+
+OBS_DIM = 4  # InvertedPendulum-v5
+CANDIDATES = 4
+
+
+def train_tiny_run(run_dir: Path) -> Path:
+    """A few seconds of serial ISFM on InvertedPendulum-v5 with tiny networks; the run directory."""
+    config = parse_experiment({
+        "name": "serve", "total_env_steps": 300, "log_every_steps": 100, "env": {"id": "InvertedPendulum-v5"},
+        "algorithm": {"name": "isfm", "batch_size": 32, "num_candidates": 4, "critic": {"hidden": [16, 16]},
+                      "flow": {"hidden": [16, 16], "steps": 2}},
+        "actors": {"count": 0, "candidates": CANDIDATES}, "learner": {"learning_starts": 100, "num_gpus": 0},
+        "eval": {"episodes": 0}, "wandb": {"mode": "disabled"}})
+    train(config, run_dir, progress=False)
+    return run_dir
+
+
+def observations(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.1, (rows, OBS_DIM)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("serve-run"))
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    with BackgroundServer(run_dir, ServeOptions(port=0, reload_interval_s=0, max_batch_wait_ms=5.0)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server):
+    with PolicyClient(server.address) as client:
+        yield client
+
+
+def test_seeded_answers_equal_load_policy_act(run_dir, client):
+    policy = softflow.load_policy(run_dir)
+    for seed, rows in ((0, 1), (7, 5), (2**40 + 3, 64)):
+        obs = observations(rows, seed % 1000)
+        torch.manual_seed(seed)
+        expected = policy.act(obs)
+        np.testing.assert_array_equal(client.act(obs, seed=seed), expected)
+        np.testing.assert_array_equal(client.act(obs.astype(np.float64), seed=seed), expected)
+    torch.manual_seed(11)
+    np.testing.assert_array_equal(client.act(obs[0], seed=11), policy.act(obs[0]))  # (obs_dim,) -> (act_dim,)
+    # best-of-N: the answer is one of the policy's candidates, the one the critic scores highest
+    answer = client.query(obs[:1], seed=5)
+    torch.manual_seed(5)
+    candidates = torch.as_tensor(policy.sample(obs[:1], CANDIDATES))
+    q = policy.algorithm.critic.min_q(torch.as_tensor(obs[:1]).expand(CANDIDATES, -1), candidates[0])
+    np.testing.assert_array_equal(answer.actions[0], candidates[0, q.argmax()].numpy())
+    assert answer.candidates == CANDIDATES
+
+
+def test_deterministic_answers_are_the_zero_noise_action(run_dir, client):
+    policy = softflow.load_policy(run_dir)
+    obs = observations(6)
+    expected = policy.algorithm.act(obs, False, 1)
+    np.testing.assert_array_equal(client.act(obs, deterministic=True), expected)
+    np.testing.assert_array_equal(client.act(obs, candidates=1), expected)
+    unseeded = client.act(obs)
+    assert unseeded.shape == (6, 1) and np.all(np.abs(unseeded) <= 3.0)
+
+
+def test_info_and_health_describe_the_checkpoint(run_dir, client):
+    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    info = client.info()
+    assert info["env_id"] == "InvertedPendulum-v5" and info["algorithm"] == "isfm"
+    assert info["observation_space"] == {"shape": [OBS_DIM], "low": [], "high": []}
+    assert info["action_space"] == {"shape": [1], "low": state["spaces"]["low"], "high": state["spaces"]["high"]}
+    assert info["checkpoint_version"] == state["version"] == 200 and info["checkpoint_updates"] == state["updates"]
+    assert info["default_candidates"] == CANDIDATES and info["device"] == "cpu"
+    assert (info["max_batch_rows"], info["max_batch_wait_ms"], info["max_request_rows"]) == (256, 5.0, 1024)
+    assert client.health() == "SERVING" and client.health("") == "SERVING"
+
+
+def test_concurrent_calls_share_policy_calls_and_each_gets_its_own_rows(run_dir, server):
+    policy = softflow.load_policy(run_dir)
+    batcher = server.server.batcher
+    calls_before, served_before = batcher.policy_calls, batcher.queries_served
+    requests = [observations(1 + i % 3, seed=100 + i) for i in range(48)]
+    with PolicyClient(server.address) as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda obs: client.act(obs, deterministic=True), requests))
+    for obs, answer in zip(requests, answers):
+        np.testing.assert_allclose(answer, policy.algorithm.act(obs, False, 1), rtol=0, atol=1e-6)
+    calls = batcher.policy_calls - calls_before
+    assert batcher.queries_served - served_before == len(requests)
+    assert calls < len(requests), f"{len(requests)} concurrent requests took {calls} policy calls"
+
+
+def write_new_checkpoint(run_dir: Path, version: int) -> None:
+    """What training does: the networks moved on (here: policy weights scaled), saved by an atomic rename."""
+    file = run_dir / "checkpoints" / "latest.pt"
+    state = load_checkpoint(file)
+    state["version"] = version
+    state["algorithm"]["policy"] = {k: v * 1.5 for k, v in state["algorithm"]["policy"].items()}
+    save_checkpoint(file, state)
+
+
+def test_reload_swaps_in_new_checkpoints_without_failing_a_request(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    obs = observations(2)
+    old_action = softflow.load_policy(run).algorithm.act(obs, False, 1)
+    versions, answers, errors, stop = [], [], [], threading.Event()
+    with BackgroundServer(run, ServeOptions(port=0, reload_interval_s=0.05)) as server, \
+            PolicyClient(server.address) as client:
+
+        def keep_asking() -> None:
+            while not stop.is_set():
+                try:
+                    answer = client.query(obs, deterministic=True)
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+                versions.append(answer.checkpoint_version)
+                answers.append(answer.actions)
+
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        time.sleep(0.3)
+        write_new_checkpoint(run, version=201)
+        new_action = softflow.load_policy(run).algorithm.act(obs, False, 1)
+        deadline = time.monotonic() + 20
+        while client.info()["checkpoint_version"] != 201 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        broken = run / "checkpoints" / "broken.pt"
+        broken.write_bytes(b"not a checkpoint")
+        os.replace(broken, run / "checkpoints" / "latest.pt")  # refused: 201 goes on serving
+        time.sleep(0.5)
+        stop.set()
+        asker.join(timeout=30)
+        final_version = client.info()["checkpoint_version"]
+    assert not errors and final_version == 201
+    assert versions[0] == 200 and versions[-1] == 201 and versions == sorted(versions)
+    np.testing.assert_array_equal(answers[0], old_action)
+    np.testing.assert_array_equal(answers[-1], new_action)
+    assert not np.allclose(new_action, old_action)
+
+
+def test_serve_and_act_commands(run_dir, tmp_path, capsys):
+    token_file = tmp_path / "token"
+    token_file.write_text(os.urandom(16).hex() + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "softflow.deploy.cli", "serve", str(run_dir), "--port", "0",
+                               "--token-file", str(token_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        line = server.stdout.readline()
+        assert re.match(r"softflow: serving .*latest\.pt \(isfm on InvertedPendulum-v5, version 200, cpu; "
+                        r"plaintext, token required, batching up to 256 rows, 1 ms wait\) at 127\.0\.0\.1:\d+$",
+                        line.strip()), line
+        address = line.split()[-1]
+        obs = observations(1)[0]
+        assert main(["act", "--address", address, "--obs", json.dumps(obs.tolist()), "--seed", "3",
+                     "--token-file", str(token_file)]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        policy = softflow.load_policy(run_dir)
+        torch.manual_seed(3)
+        assert answer == {"actions": policy.act(obs.astype(np.float64)).tolist(), "checkpoint_version": 200,
+                          "candidates": CANDIDATES}
+        assert main(["act", "--address", address, "--token-file", str(token_file)]) == 0
+        assert json.loads(capsys.readouterr().out)["env_id"] == "InvertedPendulum-v5"
+        assert main(["act", "--address", address, "--obs", "[0, 0, 0, 0]"]) == 2
+        assert capsys.readouterr().err == (f"softflow: error: {address} answered UNAUTHENTICATED: no token: send the "
+                                           f"metadata 'authorization: Bearer <token>'\n")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "no/such/run"], "no checkpoint at no/such/run: give a run directory"),
+    (["serve", "RUN", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: give --token-file"),
+    (["serve", "RUN", "--tls-cert", "RUN/config.yaml"], "give both --tls-cert and --tls-key, or neither"),
+    (["serve", "RUN", "--token-file", "no/such/token"], "cannot read the token file no/such/token"),
+    (["serve", "RUN", "--max-batch-rows", "0"], "--max-batch-rows must be at least 1 (got 0)"),
+    (["act", "--obs", "[1, 2"], "--obs is not a JSON list of numbers"),
+    (["act", "--obs", "[[[1]]]"], "--obs must be one observation [..] or a batch [[..], ..] (got 3 levels)"),
+])
+def test_command_errors_are_one_line(run_dir, args, message, capsys):
+    assert main([a.replace("RUN", str(run_dir)) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"softflow: error: {message}") and err.count("\n") == 1, err
