@@ -15,7 +15,10 @@ from typing import Annotated, Any, Literal, SupportsFloat, Union
 import gymnasium
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from softflow.actors import multigoal
 from softflow.actors.lqr import LQREnv
+
+multigoal.register()
 
 Matrix = list[list[float]]
 
@@ -73,8 +76,8 @@ def check_env_id(env_id: str) -> None:
         except ImportError:  # gymnasium-robotics missing: only the plain gymnasium ids are known
             pass
     if env_id not in gymnasium.registry:
-        raise ValueError(f"env.id: unknown environment '{env_id}'; use 'LQR' or a registered gymnasium id "
-                         f"such as 'HalfCheetah-v5' or 'FrankaKitchen-v1'")
+        raise ValueError(f"env.id: unknown environment '{env_id}'; use 'LQR', '{multigoal.ENV_ID}' or a registered "
+                         f"gymnasium id such as 'HalfCheetah-v5' or 'FrankaKitchen-v1'")
 
 
 def completed_tasks(completed: frozenset[str], step_completions: Iterable[str],

@@ -11,7 +11,6 @@ W&B and the terminal.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -33,7 +32,7 @@ from softflow.algorithms import make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta, dump_config
 from softflow.deploy.metrics import MetricsLogger
 from softflow.deploy.progress import TrainingProgress, print_summary
-from softflow.deploy.reports import lqr_report
+from softflow.deploy.reports import lqr_report, task_report
 from softflow.learner.learner import Learner, TrainingDiverged, learner_device, save_checkpoint
 
 
@@ -54,7 +53,8 @@ CONNECT_TIMEOUT_S = 3.0
 def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, address: str | None = None,
           resume: bool = False) -> dict[str, Any]:
     """Trains ``config``, writes the run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json,
-    learning_curve.png, W&B files, and lqr.json for the LQR case study) and returns the summary."""
+    learning_curve.png, W&B files, and the task reports of reports.py: lqr.json, multigoal.json and .png) and
+    returns the summary."""
     if config.actors.count > 0:
         with ray_connection(address):
             return _train(config, run_dir, progress, resume, device=None)
@@ -89,10 +89,6 @@ def _train(config: ExperimentConfig, run_dir: Path, progress: bool, resume: bool
         except BaseException:
             logger.abort()
             raise
-    if "lqr" in summary:
-        fit = summary.pop("lqr")
-        (run_dir / "lqr.json").write_text(json.dumps(fit, indent=2))
-        summary |= {"lqr/rel_err_K": fit["rel_err_K"], "lqr/rel_err_Sigma": fit["rel_err_Sigma"]}
     logger.finish(summary)
     if progress:
         print_summary(summary)
@@ -210,6 +206,4 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
     summary: dict[str, Any] = {"env_steps": worker.env_steps, "updates": learner.num_updates}
     if config.eval.episodes:
         summary |= evaluate(eval_env, act_for_eval, config.eval.episodes, seed=config.seed + 20_000)
-    if isinstance(config.env, LQREnvConfig):
-        summary["lqr"] = lqr_report(algorithm, config.env, config.algorithm.gamma, seed=config.seed)
-    return summary
+    return summary | task_report(algorithm, config, run_dir)

@@ -1,12 +1,24 @@
-"""Task reports written into the run directory after training (``lqr.json`` for the LQR case study)."""
+"""Task reports written into the run directory after training: ``lqr.json`` for the LQR case study, and
+``multigoal.json`` with ``multigoal.png`` (FMER's Figure 3) for the 2D multi-goal task. ``task_report`` returns the
+entries they add to the run's summary."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from softflow.actors.envs import LQREnvConfig
 from softflow.actors.lqr import soft_lqr_solution
+from softflow.actors.multigoal import ENV_ID as MULTIGOAL_ID
+from softflow.actors.multigoal import GOALS, goal_headings
 from softflow.algorithms import Algorithm
+from softflow.algorithms.flows import FlowPolicy
 
 
 def fit_linear_gaussian(states: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,3 +63,70 @@ def lqr_report(algorithm: Algorithm, env: LQREnvConfig, gamma: float, num_states
         "num_states": num_states,
         "samples_per_state": samples_per_state,
     }
+
+
+def multigoal_report(algorithm: Algorithm, run_dir: Path, num_samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Mode coverage at the origin: the fraction of ``num_samples`` policy samples (plain sampling, not best-of-N)
+    heading for each goal (``goal_headings``), and the picture ``multigoal.png``: min(Q1, Q2)(0, a) over the action
+    square as contours, the samples on top and, for a flow policy, 20 ODE paths from noise to action."""
+    torch.manual_seed(seed)
+    policy, critic = algorithm.policy, algorithm.critic
+    origin = torch.zeros(1, 2)
+    with torch.no_grad():
+        actions = policy.sample(origin, num_samples).action[0].numpy()
+        grid = np.linspace(-1, 1, 101, dtype=np.float32)
+        mesh = torch.as_tensor(np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2))
+        q = critic.min_q(torch.zeros(len(mesh), 2), mesh).numpy().reshape(101, 101)
+        paths = flow_paths(policy, origin, 20) if isinstance(policy, FlowPolicy) else None
+    fractions = goal_headings(actions)
+    figure = Figure(figsize=(5, 5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    contours = axes.contourf(grid, grid, q, levels=30, cmap="viridis")
+    figure.colorbar(contours, ax=axes, label="min Q(s=0, a)")
+    axes.scatter(actions[:, 0], actions[:, 1], s=3, c="white", alpha=0.6, label="policy samples")
+    if paths is not None:
+        for path in paths.transpose(1, 0, 2):
+            axes.plot(path[:, 0], path[:, 1], color="red", linewidth=0.8)
+        axes.scatter(paths[0, :, 0], paths[0, :, 1], s=8, c="red", label="noise and its ODE path")
+    for goal in GOALS:
+        axes.plot([0, goal[0] / 5], [0, goal[1] / 5], "w--", linewidth=0.6)
+    axes.set(xlim=(-1, 1), ylim=(-1, 1), xlabel="a_x", ylabel="a_y", aspect="equal",
+             title=f"{type(algorithm).__name__} at s = (0, 0): " + " ".join(f"{f:.2f}" for f in fractions))
+    axes.legend(loc="lower left", fontsize=7)
+    figure.savefig(run_dir / "multigoal.png", dpi=120)
+    return {"goal_fractions": fractions.tolist(), "heading_fraction": float(fractions.sum()),
+            "goals_covered": int((fractions >= 0.1).sum()), "num_samples": num_samples}
+
+
+def flow_paths(policy: FlowPolicy, obs: torch.Tensor, count: int) -> np.ndarray:
+    """Actions along the solver's path for ``count`` noise draws at one state: shape (K + 1, count, d), the first
+    row the squashed noise x_0, the last the actions."""
+    x = torch.randn(count, policy.act_dim)
+    states = obs.expand(count, -1)
+    path = [policy.squash(x)]
+    for k in range(policy.steps):
+        x = policy.step(x, torch.full((count, 1), k / policy.steps), states)
+        path.append(policy.squash(x))
+    return torch.stack(path).numpy()
+
+
+def needs_task_report(config: Any) -> bool:
+    """Whether ``task_report`` has something to say about this experiment's env."""
+    return isinstance(config.env, LQREnvConfig) or config.env.id == MULTIGOAL_ID
+
+
+def task_report(algorithm: Algorithm, config: Any, run_dir: Path) -> dict[str, float]:
+    """Writes the env's report into ``run_dir`` and returns its summary entries (``lqr/...``, ``multigoal/...``);
+    nothing for other envs."""
+    if isinstance(config.env, LQREnvConfig):
+        fit = lqr_report(algorithm, config.env, config.algorithm.gamma, seed=config.seed)
+        (run_dir / "lqr.json").write_text(json.dumps(fit, indent=2))
+        return {"lqr/rel_err_K": fit["rel_err_K"], "lqr/rel_err_Sigma": fit["rel_err_Sigma"]}
+    if config.env.id == MULTIGOAL_ID:
+        coverage = multigoal_report(algorithm, run_dir, seed=config.seed)
+        (run_dir / "multigoal.json").write_text(json.dumps(coverage, indent=2))
+        return {**{f"multigoal/goal_{g}_fraction": f for g, f in enumerate(coverage["goal_fractions"])},
+                "multigoal/heading_fraction": coverage["heading_fraction"],
+                "multigoal/goals_covered": coverage["goals_covered"]}
+    return {}

@@ -24,13 +24,12 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from softflow.actors.envs import LQREnvConfig
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
 from softflow.algorithms import make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
 from softflow.deploy.placement import Topology, learner_gpus
-from softflow.deploy.reports import lqr_report
+from softflow.deploy.reports import needs_task_report, task_report
 from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, LearnerActor
 
 RUNS_IN_FLIGHT_PER_ACTOR = 2
@@ -238,10 +237,10 @@ class Runtime:
         if c.eval.episodes:
             summary |= ray.get(self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes))
         summary["placement"] = self.placement()
-        if isinstance(c.env, LQREnvConfig):
+        if needs_task_report(c):
             algorithm = make_algorithm(c.algorithm, self.obs_dim, self.low, self.high, "cpu")
             algorithm.load_policy_weights(ray.get(self.weights[1])[1])
-            summary["lqr"] = lqr_report(algorithm, c.env, c.algorithm.gamma, seed=c.seed)
+            summary |= task_report(algorithm, c, self.run_dir)
         return summary
 
     def close(self) -> None:

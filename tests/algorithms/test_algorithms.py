@@ -1,4 +1,4 @@
-"""SAC and ISFM-SAC updates: exact resumption from a state_dict, losses moving the right way, and the fixed-energy
+"""SAC, ISFM-SAC and FMER updates: exact resumption from a state_dict, losses moving the right way, and the fixed-energy
 check: with a fixed quadratic critic Q(s, a) = -c (a - mu)^2 the policy must converge to exp(Q/alpha), i.e.
 N(mu, alpha / (2c)) in closed form."""
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from softflow.algorithms import make_algorithm
+from softflow.algorithms.fmer import FMERConfig
 from softflow.algorithms.isfm import ISFMConfig
 from softflow.algorithms.sac import SACConfig
 
@@ -17,6 +18,8 @@ OBS, ACT = 3, 2
 SMALL = {
     "sac": SACConfig(hidden=[32, 32], critic={"hidden": [32, 32]}, batch_size=32),
     "isfm": ISFMConfig(flow={"hidden": [32, 32], "steps": 3}, critic={"hidden": [32, 32]}, batch_size=32,
+                       num_candidates=4),
+    "fmer": FMERConfig(flow={"hidden": [32, 32], "steps": 3}, critic={"hidden": [32, 32]}, batch_size=32,
                        num_candidates=4),
 }
 
@@ -33,7 +36,7 @@ def fixed_batch(seed=0, n=32):
             "terminated": (torch.rand(n, generator=g) < 0.1).float()}
 
 
-@pytest.mark.parametrize("name", ["sac", "isfm"])
+@pytest.mark.parametrize("name", ["sac", "isfm", "fmer"])
 def test_state_dict_round_trip_gives_the_identical_next_update(name):
     original = make(name, 0)
     batch = fixed_batch()
@@ -51,7 +54,7 @@ def test_state_dict_round_trip_gives_the_identical_next_update(name):
     assert original.num_updates == restored.num_updates == 4
 
 
-@pytest.mark.parametrize("name", ["sac", "isfm"])
+@pytest.mark.parametrize("name", ["sac", "isfm", "fmer"])
 def test_updates_reduce_the_critic_loss_on_a_fixed_batch(name):
     algorithm = make(name, 1)
     batch = fixed_batch(1)
@@ -65,9 +68,9 @@ def fixed_energy_run(name, steps, alpha=0.2, curvature=2.0, mu=0.7):
     """One state dim, one unbounded action dim; the critic is frozen at Q = -c (a - mu)^2."""
     common = dict(alpha=alpha, autotune_alpha=False, q_lr=1e-12, batch_size=64, critic={"kind": "quadratic"},
                   policy_frequency=1)
-    config = (SACConfig(hidden=[32, 32], policy_lr=3e-3, **common) if name == "sac" else
-              ISFMConfig(flow={"hidden": [64, 64], "steps": 4, "integrator": "midpoint"}, policy_lr=1e-3,
-                         num_candidates=64, **common))
+    flow = dict(flow={"hidden": [64, 64], "steps": 4, "integrator": "midpoint"}, policy_lr=1e-3, num_candidates=64)
+    config = {"sac": SACConfig(hidden=[32, 32], policy_lr=3e-3, **common), "isfm": ISFMConfig(**flow, **common),
+              "fmer": FMERConfig(**flow, **common)}[name]
     algorithm = make(name, 3, config, low=-math.inf, high=math.inf, obs_dim=1, act_dim=1)
     for q in (algorithm.critic.q1, algorithm.critic.q2, *algorithm.critic.target):
         with torch.no_grad():
@@ -83,10 +86,10 @@ def fixed_energy_run(name, steps, alpha=0.2, curvature=2.0, mu=0.7):
     return actions, alpha / (2 * curvature), mu, metrics
 
 
-@pytest.mark.parametrize("name", ["sac", "isfm"])
+@pytest.mark.parametrize("name", ["sac", "isfm", "fmer"])
 def test_policy_converges_to_the_boltzmann_policy_of_a_fixed_quadratic_q(name):
     actions, variance, mu, metrics = fixed_energy_run(name, steps=300)
     assert abs(actions.mean() - mu) < 0.05
     assert abs(actions.var() / variance - 1) < 0.15
-    if name == "isfm":
+    if name != "sac":
         assert metrics["learner/weight_ess"] > 0.8

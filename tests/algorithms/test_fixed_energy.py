@@ -1,0 +1,91 @@
+"""Fixed-energy matching (ALGORITHMS.md check 2): with a fixed, known Q over a 2D action, repeated policy-improvement
+steps must bring the flow policy to pi(a) proportional to exp(Q(a)/alpha).
+
+Q is alpha times the log-density of a four-component Gaussian mixture with unequal weights, so the target is the
+mixture itself and exact samples are cheap. The flow starts at N(0, I), a poor proposal for the far modes, and each
+step is the algorithm's own ``policy_loss`` on candidates drawn from the current policy. The squared MMD between
+policy and exact samples (Gaussian kernel) must fall below 3.5 % of its value at the start, and each mode must hold
+its weight.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from softflow.algorithms import make_algorithm
+from softflow.algorithms.fmer import FMERConfig
+from softflow.algorithms.isfm import ISFMConfig
+
+ALPHA = 0.5
+MEANS = torch.tensor([[1.5, 1.5], [-1.5, 1.5], [-1.5, -1.5], [1.5, -1.5]])
+WEIGHTS = torch.tensor([0.4, 0.3, 0.2, 0.1])
+STD = 0.4
+
+
+def mixture_log_density(a: torch.Tensor) -> torch.Tensor:
+    """log sum_k w_k N(a; mu_k, STD^2 I) for a (..., 2)."""
+    sq = (a.unsqueeze(-2) - MEANS).pow(2).sum(-1) / STD**2
+    log_components = -0.5 * sq - 2 * math.log(STD) - math.log(2 * math.pi) + WEIGHTS.log()
+    return torch.logsumexp(log_components, -1)
+
+
+class FixedEnergy(torch.nn.Module):
+    """Stands in for the twin critic in policy improvement: min Q(s, a) = alpha log p_mixture(a)."""
+
+    def min_q(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return ALPHA * mixture_log_density(action)
+
+
+def exact_samples(n: int, generator: torch.Generator) -> torch.Tensor:
+    component = torch.multinomial(WEIGHTS, n, replacement=True, generator=generator)
+    return MEANS[component] + STD * torch.randn(n, 2, generator=generator)
+
+
+def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float = 0.5) -> float:
+    """Biased squared maximum mean discrepancy with a Gaussian kernel."""
+    def k(a, b):
+        return torch.exp(-torch.cdist(a, b).pow(2) / (2 * bandwidth**2)).mean()
+    return float(k(x, x) + k(y, y) - 2 * k(x, y))
+
+
+def mode_weights(samples: torch.Tensor) -> torch.Tensor:
+    nearest = torch.cdist(samples, MEANS).argmin(-1)
+    return torch.bincount(nearest, minlength=4).float() / len(samples)
+
+
+def improve(config, steps: int, states: int = 32) -> torch.Tensor:
+    """``steps`` policy-improvement steps against the fixed energy; returns 4000 policy samples."""
+    torch.manual_seed(0)
+    algorithm = make_algorithm(config, 1, np.full(2, -np.inf), np.full(2, np.inf))
+    algorithm.critic = FixedEnergy()
+    obs = torch.zeros(states, 1)
+    batch = {"next_obs": obs}
+    for _ in range(steps):
+        with torch.no_grad():
+            candidates = algorithm.policy.sample(obs, algorithm.samples_per_next_state, with_log_prob=True)
+        loss, _, _ = algorithm.policy_loss(batch, candidates)
+        algorithm.policy_optimizer.zero_grad()
+        loss.backward()
+        algorithm.policy_optimizer.step()
+    with torch.no_grad():
+        return algorithm.policy.sample(torch.zeros(1, 1), 4000).action[0]
+
+
+COMMON = dict(alpha=ALPHA, autotune_alpha=False, policy_lr=3e-3, num_candidates=32,
+              flow={"hidden": [64, 64], "steps": 4, "integrator": "midpoint"})
+CONFIGS = {"isfm": ISFMConfig(**COMMON), "fmer": FMERConfig(**COMMON)}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_policy_improvement_reaches_the_boltzmann_policy_of_a_fixed_mixture_energy(name):
+    samples = improve(CONFIGS[name], steps=1200)
+    generator = torch.Generator().manual_seed(1)
+    reference, baseline = exact_samples(4000, generator), exact_samples(4000, generator)
+    start = torch.randn(4000, 2, generator=generator)
+    noise_floor, initial, final = mmd2(reference, baseline), mmd2(reference, start), mmd2(reference, samples)
+    # 0.035 of the start is about the MMD of the exact mixture with its spread off by a quarter (std 0.5 for 0.4)
+    # or with equal mode weights (0.14): the flows land below it, and every mode holds its weight to 0.03.
+    assert final < 0.035 * initial, (final, initial, noise_floor)
+    assert torch.allclose(mode_weights(samples), WEIGHTS, atol=0.03), mode_weights(samples)
