@@ -126,7 +126,8 @@ def parse_act_request(raw: bytes, served: ServedPolicy, max_rows: int, max_candi
         obs = from_tensor(request.observations)
     except ValueError as exc:
         raise RequestError(Status.INVALID_ARGUMENT, f"observations: {exc}") from None
-    obs = obs.astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+        obs = obs.astype(np.float32)
     finite = np.isfinite(obs).all(axis=1)
     if not finite.all():
         raise RequestError(Status.INVALID_ARGUMENT, f"observation row {int(np.argmin(finite))} has NaN or inf "

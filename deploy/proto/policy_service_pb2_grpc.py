@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class PolicyServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Best-of-N actions of a trained softflow policy (deploy/serve.py); every call but health checks needs the
+    metadata 'authorization: Bearer <token>' when the server was started with --token-file.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +49,9 @@ class PolicyServiceStub:
 
 
 class PolicyServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Best-of-N actions of a trained softflow policy (deploy/serve.py); every call but health checks needs the
+    metadata 'authorization: Bearer <token>' when the server was started with --token-file.
+    """
 
     def Act(self, request, context):
         """Actions for a batch of observations.
@@ -85,7 +89,9 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
-    """Missing associated documentation comment in .proto file."""
+    """Best-of-N actions of a trained softflow policy (deploy/serve.py); every call but health checks needs the
+    metadata 'authorization: Bearer <token>' when the server was started with --token-file.
+    """
 
     @staticmethod
     def Act(request,
