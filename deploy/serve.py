@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,23 @@ class ServeOptions:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """ConfigError with the system's reason when ``host:port`` cannot be bound (taken, or not this machine's);
+    gRPC's own bind error is a multi-line log."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -146,7 +164,8 @@ class PolicyServer:
             "Info": grpc.unary_unary_rpc_method_handler(self._info, request_deserializer=InfoRequest.FromString,
                                                         response_serializer=InfoResponse.SerializeToString)})])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        address = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
+        address = host_port(o.host, o.port)
+        check_can_listen(o.host, o.port)
         try:
             if o.tls_cert is not None:
                 self.port = self._server.add_secure_port(
@@ -154,7 +173,7 @@ class PolicyServer:
             else:
                 self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {address} ({exc}); is the port taken?") from None
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -236,7 +255,7 @@ class BackgroundServer:
 
     @property
     def address(self) -> str:
-        return f"{self.server.options.host}:{self.server.port}"
+        return host_port(self.server.options.host, self.server.port)
 
     def __enter__(self) -> "BackgroundServer":
         self._thread.start()
@@ -311,7 +330,7 @@ def serve_forever(path: str | Path, options: ServeOptions, torch_threads: int = 
         batching = (f"batching up to {o.max_batch_rows} rows, {o.max_batch_wait_ms:g} ms wait" if o.batching
                     else "no batching")
         print(f"softflow: serving {s.file} ({s.algorithm} on {s.env_id}, version {s.version}, "
-              f"{s.policy.algorithm.device}; {scheme}, {auth}, {batching}) at {o.host}:{port}", flush=True)
+              f"{s.policy.algorithm.device}; {scheme}, {auth}, {batching}) at {host_port(o.host, port)}", flush=True)
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stopping.set)

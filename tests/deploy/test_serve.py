@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -204,7 +205,16 @@ def test_serve_and_act_commands(run_dir, tmp_path, capsys):
     assert server.returncode == 0 and "Traceback" not in stderr
 
 
+@pytest.fixture
+def taken_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield str(listener.getsockname()[1])
+
+
 @pytest.mark.parametrize("args, message", [
+    (["serve", "RUN", "--port", "TAKEN"], "cannot listen on 127.0.0.1:TAKEN: Address already in use"),
     (["serve", "no/such/run"], "no checkpoint at no/such/run: give a run directory"),
     (["serve", "RUN", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: give --token-file"),
     (["serve", "RUN", "--tls-cert", "RUN/config.yaml"], "give both --tls-cert and --tls-key, or neither"),
@@ -213,7 +223,7 @@ def test_serve_and_act_commands(run_dir, tmp_path, capsys):
     (["act", "--obs", "[1, 2"], "--obs is not a JSON list of numbers"),
     (["act", "--obs", "[[[1]]]"], "--obs must be one observation [..] or a batch [[..], ..] (got 3 levels)"),
 ])
-def test_command_errors_are_one_line(run_dir, args, message, capsys):
-    assert main([a.replace("RUN", str(run_dir)) for a in args]) == 2
+def test_command_errors_are_one_line(run_dir, taken_port, args, message, capsys):
+    assert main([a.replace("RUN", str(run_dir)).replace("TAKEN", taken_port) for a in args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"softflow: error: {message}") and err.count("\n") == 1, err
+    assert err.startswith(f"softflow: error: {message.replace('TAKEN', taken_port)}") and err.count("\n") == 1, err
