@@ -135,6 +135,31 @@ def test_evaluate_reports_kitchen_task_metrics() -> None:
                        "eval/tasks_completed": 0.0, "eval/success_rate": 0.0}
 
 
+class OpenMicrowaveOnReset(gymnasium.Wrapper):
+    """Real kitchen physics with the microwave door already at its goal angle after each reset (qpos 22 is its
+    hinge), so that the env's own task detection fires on the first step."""
+
+    def reset(self, **kwargs: Any):
+        import mujoco
+
+        result = self.env.reset(**kwargs)
+        kitchen_env = self.env.unwrapped
+        kitchen_env.data.qpos[22] = MICROWAVE_GOAL
+        mujoco.mj_forward(kitchen_env.model, kitchen_env.data)
+        return result
+
+
+@pytest.mark.parametrize(("tasks", "completed", "success"), [
+    (["microwave"], 1.0, 1.0), (["microwave", "kettle", "light switch", "slide cabinet"], 1.0, 0.0)])
+def test_evaluate_counts_a_task_the_physics_completes(tasks, completed, success) -> None:
+    env = make_env(GymEnvConfig(id="FrankaKitchen-v1", kwargs={"tasks_to_complete": tasks, "max_episode_steps": 5}))
+    env = TaskCompletionInfo(OpenMicrowaveOnReset(env.env))
+    metrics = evaluate(env, zero_policy(9), episodes=2, seed=0)
+    assert metrics["eval/tasks_completed"] == completed and metrics["eval/success_rate"] == success
+    assert metrics["eval/episode_return"] == 1.0  # the sparse reward: one per task completed
+    assert metrics["eval/episode_length"] == (1.0 if success else 5.0)  # all tasks done ends the episode
+
+
 def test_evaluate_averages_tasks_and_successes_over_episodes() -> None:
     env = TaskCompletionInfo(ScriptedKitchen({0: ["microwave"], 1: ["kettle", "microwave"]}))
     metrics = evaluate(env, zero_policy(1), episodes=2, seed=0)
