@@ -79,7 +79,7 @@ def multigoal_report(algorithm: Algorithm, run_dir: Path, num_samples: int = 100
         q = critic.min_q(torch.zeros(len(mesh), 2), mesh).numpy().reshape(101, 101)
         paths = flow_paths(policy, origin, 20) if isinstance(policy, FlowPolicy) else None
     fractions = goal_headings(actions)
-    figure = Figure(figsize=(5, 5))
+    figure = Figure(figsize=(5.5, 5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     contours = axes.contourf(grid, grid, q, levels=30, cmap="viridis")
