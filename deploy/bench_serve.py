@@ -2,9 +2,11 @@
 
 1. Load: ``softflow serve`` runs twice as real processes on loopback (one torch thread each, no reload), batched
    (the default flags) and with ``--no-batching``. For each number of concurrent clients (1, 8, 64 by default),
-   each server in turn gets ``seconds`` of closed-loop load: every client has its own channel and sends batch-1
-   ``Act`` requests one after the other. Reported: p50 and p99 latency, requests per second, and batched over
-   unbatched throughput at each level (the issue's target: >= 4 at 64 clients).
+   each server in turn gets ``seconds`` of closed-loop load: every client sends batch-1 ``Act`` requests one after
+   the other. The clients share ``connections`` HTTP/2 connections (1 by default, as ghz does; a Python load
+   generator with a connection per client spends more of the 2 cores than the server it measures). Reported: p50
+   and p99 latency, requests per second, and batched over unbatched throughput at each level (the issue's target:
+   >= 4 at 64 clients).
 2. Fuzz: ``fuzz`` requests to the batched server, 16 in flight: random bytes, random shapes and dtypes, NaN and
    inf, wrong widths, mutated valid requests, oversized messages and batches, random candidates and seeds, and
    valid requests between them. Reported: the count of each status, that the server process is alive and answers
@@ -44,15 +46,15 @@ RSS_SAMPLES = 10
 
 
 def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, clients: str = "1,8,64",
-                fuzz: int = 10_000, max_batch_wait_ms: float | None = None) -> dict:
+                connections: int = 1, fuzz: int = 10_000, max_batch_wait_ms: float | None = None) -> dict:
     """Both measurements for ``source`` (an experiment file to train briefly, a run directory or a checkpoint);
     one JSON-ready dict."""
     try:
         levels = [int(n) for n in clients.split(",")]
     except ValueError:
         raise ConfigError(f"--clients must be comma-separated integers (got {clients!r})") from None
-    if seconds <= 0 or fuzz < 0 or not levels or min(levels) < 1:
-        raise ConfigError("--seconds and every --clients level must be positive, --fuzz at least 0")
+    if seconds <= 0 or connections < 1 or fuzz < 0 or not levels or min(levels) < 1:
+        raise ConfigError("--seconds, --connections and every --clients level must be positive, --fuzz at least 0")
     with tempfile.TemporaryDirectory(prefix="softflow-bench-serve-") as scratch:
         checkpoint = prepare_checkpoint(source, overrides, Path(scratch))
         batched_flags = [] if max_batch_wait_ms is None else ["--max-batch-wait-ms", str(max_batch_wait_ms)]
@@ -64,7 +66,7 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
                 rows = {}
                 for mode, server in (("unbatched", plain), ("batched", batched)):
                     rows[mode] = {"mode": mode, "clients": n,
-                                  **asyncio.run(closed_loop(server.address, obs_dim, n, seconds))}
+                                  **asyncio.run(closed_loop(server.address, obs_dim, n, connections, seconds))}
                     load.append(rows[mode])
                 ratios[str(n)] = rows["batched"]["requests_per_s"] / rows["unbatched"]["requests_per_s"]
             fuzzed = run_fuzz(batched, obs_dim, fuzz) if fuzz else None
@@ -72,7 +74,8 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
         "benchmark": "serve", "source": str(source), "overrides": overrides,
         "env": info.env_id, "algorithm": info.algorithm, "candidates": info.default_candidates,
         "device": info.device, "cpus": os.cpu_count(),
-        "params": {"seconds": seconds, "warmup_s": WARMUP_S, "clients": levels, "rows_per_request": 1,
+        "params": {"seconds": seconds, "warmup_s": WARMUP_S, "clients": levels, "connections": connections,
+                   "rows_per_request": 1,
                    "max_batch_rows": info.max_batch_rows, "max_batch_wait_ms": info.max_batch_wait_ms,
                    "server_torch_threads": 1},
         "load": load, "batched_over_unbatched_throughput": ratios, "fuzz": fuzzed,
@@ -131,8 +134,8 @@ class ServerProcess:
         return float("nan")
 
 
-async def closed_loop(address: str, obs_dim: int, clients: int, seconds: float) -> dict:
-    """``clients`` clients, each on its own channel sending one batch-1 request after the other, for
+async def closed_loop(address: str, obs_dim: int, clients: int, connections: int, seconds: float) -> dict:
+    """``clients`` clients over ``connections`` channels, each sending one batch-1 request after the other, for
     ``WARMUP_S + seconds``; latency percentiles and throughput over the last ``seconds``."""
     rng = np.random.default_rng(0)
     done: list[tuple[float, float]] = []
@@ -140,20 +143,22 @@ async def closed_loop(address: str, obs_dim: int, clients: int, seconds: float) 
     start = time.perf_counter()
     measure_from, stop_at = start + WARMUP_S, start + WARMUP_S + seconds
 
-    async def client() -> None:
+    async def client(act) -> None:
         request = ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))
-        async with grpc.aio.insecure_channel(address) as channel:
-            act = PolicyServiceStub(channel).Act
-            while (sent := time.perf_counter()) < stop_at:
-                try:
-                    await act(request, timeout=30)
-                except grpc.RpcError as exc:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-                    continue
-                if sent >= measure_from:
-                    done.append((sent, time.perf_counter() - sent))
+        while (sent := time.perf_counter()) < stop_at:
+            try:
+                await act(request, timeout=30)
+            except grpc.RpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                continue
+            if sent >= measure_from:
+                done.append((sent, time.perf_counter() - sent))
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    channels = [grpc.aio.insecure_channel(address) for _ in range(min(clients, connections))]
+    try:
+        await asyncio.gather(*(client(PolicyServiceStub(channels[i % len(channels)]).Act) for i in range(clients)))
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
     latencies = sorted(latency for _, latency in done)
     elapsed = max(end for end in (sent + latency for sent, latency in done)) - measure_from if done else seconds
     return {"requests": len(latencies), "requests_per_s": len(latencies) / elapsed,

@@ -6,7 +6,7 @@
     softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
     softflow bench runtime [EXPERIMENT.yaml [key=value ...]] [--seconds S]
     softflow bench rllib [--env ENV] [--seconds S] [--batch-size B] [--updates-per-step R]
-    softflow bench serve [EXPERIMENT.yaml | RUN_DIR | CHECKPOINT] [--seconds S] [--clients 1,8,64] [--fuzz N]
+    softflow bench serve [EXPERIMENT.yaml | RUN_DIR | CHECKPOINT] [--seconds S] [--clients 1,8,64] [--fuzz N] [...]
     softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
     softflow serve RUN_DIR_OR_CHECKPOINT [--port P] [--host H] [--token-file F] [--tls-cert C --tls-key K] [...]
     softflow act [--address HOST:PORT] [--obs JSON] [--candidates N] [--deterministic] [--seed S] [--token-file F]
@@ -65,7 +65,7 @@ def _bench(args: argparse.Namespace) -> int:
         from softflow.deploy.bench_serve import bench_serve
 
         report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 5.0, clients=args.clients,
-                             fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms)
+                             connections=args.connections, fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms)
     elif args.what == "rllib":
         from softflow.deploy.bench_rllib import bench_rllib
 
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runtime: seconds per timed loop (default 10); rllib: seconds per library (default "
                             "120); serve: seconds per load level (default 5)")
     bench.add_argument("--clients", default="1,8,64", help="serve only: concurrent clients per load level")
+    bench.add_argument("--connections", type=int, default=1, help="serve only: connections the clients share")
     bench.add_argument("--fuzz", type=int, default=10_000, help="serve only: fuzzed requests (0: none)")
     bench.add_argument("--max-batch-wait-ms", type=float, default=None,
                        help="serve only: the batched server's wait (default: softflow serve's)")

@@ -6,17 +6,18 @@
   status and a one-line reason: INVALID_ARGUMENT for malformed requests (not an ActRequest, a dtype other than
   float32/float64, a shape that is not (rows, obs_dim) or does not match the data, an empty batch, NaN or inf,
   deterministic with several candidates), RESOURCE_EXHAUSTED for well-formed ones over a limit (rows, candidates).
-- :class:`Batcher`: concurrent queries wait in one queue; it gathers up to ``max_rows`` rows, waiting at most
-  ``max_wait_ms`` for more, makes one policy call per candidate count in a single inference thread (the event loop
-  keeps taking requests meanwhile), and hands each caller its rows. A seeded query is served alone, under its seed.
+- :class:`Batcher`: concurrent queries wait in one queue; its thread gathers up to ``max_rows`` rows, waiting at
+  most ``max_wait_ms`` after the first for more, makes one policy call per candidate count, and hands each caller
+  its rows. A seeded query is served alone, under its seed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -153,18 +154,24 @@ def infer(served: ServedPolicy, obs: np.ndarray, candidates: int, seed: int | No
         return served.policy.algorithm.act(obs, False, candidates)
 
 
+class ServerStopping(Exception):
+    """The server stopped before this query's turn."""
+
+
 @dataclasses.dataclass
 class _Job:
     query: ActQuery
-    future: asyncio.Future
+    future: concurrent.futures.Future
+    queued_at: float
 
 
 class Batcher:
-    """Gathers concurrent queries into policy calls (see the module docstring); one inference thread.
+    """Gathers concurrent queries into policy calls (see the module docstring) in its own thread.
 
     ``current`` returns the policy to serve the next batch with, so a reload takes effect between two batches.
-    Without ``batching`` every query is its own policy call (the unbatched baseline). ``policy_calls`` and
-    ``queries_served`` count what it has done.
+    Without ``batching`` every query is its own policy call (the unbatched baseline). A query whose future was
+    cancelled (its caller went away) before its turn is skipped. ``policy_calls`` and ``queries_served`` count
+    what it has done.
     """
 
     def __init__(self, current: Callable[[], ServedPolicy], batching: bool, max_rows: int, max_wait_ms: float):
@@ -173,79 +180,81 @@ class Batcher:
         self._max_rows = max_rows
         self._max_wait_s = max_wait_ms / 1e3
         self._jobs: deque[_Job] = deque()
-        self._arrived = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="softflow-inference")
+        self._queued_rows = 0
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="softflow-batcher", daemon=True)
         self.policy_calls = 0
         self.queries_served = 0
 
-    async def act(self, query: ActQuery) -> tuple[np.ndarray, ServedPolicy]:
-        """The actions for ``query`` and the policy that computed them."""
-        job = _Job(query, asyncio.get_running_loop().create_future())
-        self._jobs.append(job)
-        self._arrived.set()
-        return await job.future
+    def start(self) -> None:
+        self._thread.start()
 
-    async def run(self) -> None:
-        """Serves the queue until cancelled."""
-        try:
-            while True:
-                jobs = await self._gather()
-                served = self._current()
-                by_candidates: dict[int, list[_Job]] = {}
-                for job in jobs:
-                    if not job.future.done():  # its caller went away
-                        by_candidates.setdefault(job.query.candidates, []).append(job)
-                for candidates, group in by_candidates.items():
-                    await self._serve(served, candidates, group)
-        finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+    def close(self) -> None:
+        """Stops after the batch in progress; queries still queued get :class:`ServerStopping`."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+        for job in self._jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ServerStopping("the server is stopping"))
 
-    async def _wait_for_job(self, timeout: float | None) -> bool:
-        self._arrived.clear()
-        try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    def submit(self, query: ActQuery) -> concurrent.futures.Future:
+        """A future of (actions, the ServedPolicy that computed them); cancel it to drop the query."""
+        job = _Job(query, concurrent.futures.Future(), time.monotonic())
+        with self._changed:
+            self._jobs.append(job)
+            self._queued_rows += len(query.obs)
+            if len(self._jobs) == 1 or self._queued_rows >= self._max_rows:  # only then is the batcher waiting
+                self._changed.notify()
+        return job.future
 
-    async def _gather(self) -> list[_Job]:
-        while not self._jobs:
-            await self._wait_for_job(None)
-        jobs = [self._jobs.popleft()]
-        if not self._batching or jobs[0].query.seed is not None:
-            return jobs
-        rows = len(jobs[0].query.obs)
-        deadline = asyncio.get_running_loop().time() + self._max_wait_s
-        while rows < self._max_rows:
-            if not self._jobs:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0 or not await self._wait_for_job(remaining):
+    def _run(self) -> None:
+        while (jobs := self._gather()) is not None:
+            served = self._current()
+            by_candidates: dict[int, list[_Job]] = {}
+            for job in jobs:
+                if job.future.set_running_or_notify_cancel():  # False: cancelled, its caller went away
+                    by_candidates.setdefault(job.query.candidates, []).append(job)
+            for candidates, group in by_candidates.items():
+                self._serve(served, candidates, group)
+
+    def _gather(self) -> list[_Job] | None:
+        """The next batch (None once closed): the first query, and with batching, once ``max_rows`` rows are
+        queued or ``max_wait`` after the first arrived, the queries behind it that fit."""
+        with self._changed:
+            while not self._jobs and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return None
+            first = self._jobs[0]
+            if self._batching and first.query.seed is None:
+                self._changed.wait_for(lambda: self._queued_rows >= self._max_rows or self._closed,
+                                       timeout=max(0.0, first.queued_at + self._max_wait_s - time.monotonic()))
+            jobs, rows = [self._jobs.popleft()], len(first.query.obs)
+            while self._batching and first.query.seed is None and self._jobs:
+                following = self._jobs[0].query
+                if following.seed is not None or rows + len(following.obs) > self._max_rows:
                     break
-                continue
-            following = self._jobs[0].query
-            if following.seed is not None or rows + len(following.obs) > self._max_rows:
-                break
-            jobs.append(self._jobs.popleft())
-            rows += len(following.obs)
-        return jobs
+                jobs.append(self._jobs.popleft())
+                rows += len(following.obs)
+            self._queued_rows -= rows
+            return jobs
 
-    async def _serve(self, served: ServedPolicy, candidates: int, group: list[_Job]) -> None:
+    def _serve(self, served: ServedPolicy, candidates: int, group: list[_Job]) -> None:
         obs = np.concatenate([job.query.obs for job in group]) if len(group) > 1 else group[0].query.obs
-        loop = asyncio.get_running_loop()
         try:
-            actions = await loop.run_in_executor(self._executor, infer, served, obs, candidates,
-                                                 group[0].query.seed)
+            actions = infer(served, obs, candidates, group[0].query.seed)
         except Exception as exc:  # the callers get INTERNAL with the reason; the server goes on
             log.exception("inference failed for %d rows", len(obs))
             for job in group:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                job.future.set_exception(exc)
             return
         self.policy_calls += 1
         start = 0
         for job in group:
             rows = len(job.query.obs)
-            if not job.future.done():
-                job.future.set_result((actions[start:start + rows], served))
-                self.queries_served += 1
+            job.future.set_result((actions[start:start + rows], served))
             start += rows
+        self.queries_served += len(group)

@@ -27,7 +27,7 @@ from softflow.deploy import PolicyClient
 from softflow.deploy.cli import main
 from softflow.deploy.config import parse_experiment
 from softflow.deploy.driver import train
-from softflow.deploy.serve import BackgroundServer, ServeOptions
+from softflow.deploy.serve import PolicyServer, ServeOptions
 from softflow.learner.learner import load_checkpoint, save_checkpoint
 
 OBS_DIM = 4  # InvertedPendulum-v5
@@ -57,7 +57,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    with BackgroundServer(run_dir, ServeOptions(port=0, reload_interval_s=0, max_batch_wait_ms=5.0)) as server:
+    with PolicyServer(run_dir, ServeOptions(port=0, reload_interval_s=0, max_batch_wait_ms=5.0)) as server:
         yield server
 
 
@@ -110,7 +110,7 @@ def test_info_and_health_describe_the_checkpoint(run_dir, client):
 
 def test_concurrent_calls_share_policy_calls_and_each_gets_its_own_rows(run_dir, server):
     policy = softflow.load_policy(run_dir)
-    batcher = server.server.batcher
+    batcher = server.batcher
     calls_before, served_before = batcher.policy_calls, batcher.queries_served
     requests = [observations(1 + i % 3, seed=100 + i) for i in range(48)]
     with PolicyClient(server.address) as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -137,7 +137,7 @@ def test_reload_swaps_in_new_checkpoints_without_failing_a_request(run_dir, tmp_
     obs = observations(2)
     old_action = softflow.load_policy(run).algorithm.act(obs, False, 1)
     versions, answers, errors, stop = [], [], [], threading.Event()
-    with BackgroundServer(run, ServeOptions(port=0, reload_interval_s=0.05)) as server, \
+    with PolicyServer(run, ServeOptions(port=0, reload_interval_s=0.05)) as server, \
             PolicyClient(server.address) as client:
 
         def keep_asking() -> None:

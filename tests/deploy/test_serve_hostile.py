@@ -27,7 +27,7 @@ import softflow
 from softflow.deploy import PolicyClient
 from softflow.deploy.bench_serve import fuzz_request
 from softflow.deploy.proto import ACT_METHOD, ActRequest, Tensor, bearer, to_tensor
-from softflow.deploy.serve import BackgroundServer, ServeOptions
+from softflow.deploy.serve import PolicyServer, ServeOptions
 
 TOKEN = os.urandom(16).hex()
 LIMITS = dict(max_request_rows=16, max_candidates=8, max_message_bytes=64 * 1024)
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    with BackgroundServer(run_dir, ServeOptions(port=0, reload_interval_s=0, token=TOKEN, **LIMITS)) as server:
+    with PolicyServer(run_dir, ServeOptions(port=0, reload_interval_s=0, token=TOKEN, **LIMITS)) as server:
         yield server
 
 
@@ -101,7 +101,8 @@ NAN_ROW[2, 1] = np.nan
                                                          "candidate; leave candidates at 0 or 1 (got 3)"),
     (b"", INVALID, "the request has no observations"),
     (b"\xff\xfe\x00garbage", INVALID, "the request is not a valid softflow.v1.ActRequest"),
-    (request(np.zeros((16, 1100), np.float32)), EXHAUSTED, "SERVER: Received message larger than max (70422 vs. 65536)"),
+    (request(np.zeros((16, 1100), np.float32)), EXHAUSTED,
+     "SERVER: Received message larger than max (70422 vs. 65536)"),
 ], ids=["width", "rank-1", "rank-3", "dtype", "data-size", "negative-dim", "nan", "inf", "float64-overflow",
         "empty-batch", "rows-over-limit", "rows-huge", "candidates-over-limit", "deterministic-candidates",
         "no-observations", "random-bytes", "message-over-size"])
@@ -150,7 +151,7 @@ def test_tls_with_a_token_answers_like_load_policy(run_dir, tmp_path):
     policy = softflow.load_policy(run_dir)
     torch.manual_seed(9)
     expected = policy.act(obs)
-    with BackgroundServer(run_dir, options) as server:
+    with PolicyServer(run_dir, options) as server:
         with PolicyClient(server.address, token=TOKEN, tls_cert=tmp_path / "server.pem") as client:
             np.testing.assert_array_equal(client.act(obs, seed=9), expected)
         with PolicyClient(server.address, token=TOKEN, timeout=3) as plaintext:
@@ -171,8 +172,8 @@ time.sleep(120)
 
 def test_clients_that_go_away_mid_call_leave_the_server_answering(run_dir):
     heavy = request(np.zeros((1024, OBS_DIM), np.float32), candidates=256)  # a quarter of a second each here
-    with BackgroundServer(run_dir, ServeOptions(port=0, reload_interval_s=0)) as server:
-        batcher = server.server.batcher
+    with PolicyServer(run_dir, ServeOptions(port=0, reload_interval_s=0)) as server:
+        batcher = server.batcher
         # a client process killed while its 8 calls are queued and the first is being computed
         client = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, server.address, ACT_METHOD],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -194,7 +195,7 @@ def test_clients_that_go_away_mid_call_leave_the_server_answering(run_dir):
         with pytest.raises(grpc.RpcError) as info:
             grpc.insecure_channel(server.address).unary_unary(ACT_METHOD)(heavy, timeout=0.01)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        with socket.create_connection(("127.0.0.1", server.server.port)) as sock:  # half an HTTP/2 preface
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:  # half an HTTP/2 preface
             sock.sendall(b"PRI * HTTP/2.0\r\n")
         start = time.monotonic()
         with PolicyClient(server.address) as good:
@@ -209,7 +210,7 @@ def test_clients_that_go_away_mid_call_leave_the_server_answering(run_dir):
 def test_a_flood_beyond_the_concurrency_limit_is_resource_exhausted(run_dir):
     options = ServeOptions(port=0, reload_interval_s=0, max_concurrent_rpcs=4)
     heavy = request(np.zeros((64, OBS_DIM), np.float32), candidates=64)
-    with BackgroundServer(run_dir, options) as server, grpc.insecure_channel(server.address) as channel:
+    with PolicyServer(run_dir, options) as server, grpc.insecure_channel(server.address) as channel:
         act = channel.unary_unary(ACT_METHOD)
         calls = [act.future(heavy, timeout=60) for _ in range(64)]
         codes = [call.exception().code() if call.exception() else grpc.StatusCode.OK for call in calls]
