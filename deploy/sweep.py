@@ -62,7 +62,8 @@ HEADLINE = [THROUGHPUT, "learner/updates_per_s", "eval/episode_return", "env_ste
 _TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
               "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
               "iterations_since_restore", "experiment_tag", "should_checkpoint"}
-_METRIC_PREFIXES = ("train/", "eval/", "losses/", "learner/", "actors/", "replay/", "weights/", "lqr/")
+_METRIC_PREFIXES = ("train/", "eval/", "losses/", "learner/", "actors/", "replay/", "weights/", "lqr/",
+                    "multigoal/")
 _SUMMARY_METRICS = ("env_steps", "updates", "wall_s")
 
 

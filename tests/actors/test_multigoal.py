@@ -1,0 +1,68 @@
+"""The 2D multi-goal task: rewards and termination in closed form, the mode-coverage metric, and its report."""
+
+import json
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+from softflow.actors.envs import GymEnvConfig, make_env
+from softflow.actors.multigoal import ENV_ID, GOALS, MultiGoalEnv, goal_headings
+from softflow.algorithms import make_algorithm
+from softflow.algorithms.fmer import FMERConfig
+from softflow.algorithms.sac import SACConfig
+from softflow.deploy.reports import multigoal_report
+
+
+def test_reward_is_action_and_distance_cost_and_a_goal_ends_the_episode():
+    env = MultiGoalEnv()
+    env.reset(seed=0)
+    env.position = np.array([0.0, 0.0])
+    obs, reward, terminated, truncated, info = env.step(np.array([0.5, 0.0]))
+    assert np.allclose(obs, [0.5, 0.0]) and not terminated and not truncated and info["goal"] == -1
+    assert reward == pytest.approx(-(30 * 0.25 + 4.5))
+    env.position = np.array([0.0, 3.5])
+    obs, reward, terminated, _, info = env.step(np.array([2.0, 0.8]))  # clipped to (1, 0.8): lands at (1, 4.3)
+    distance = np.hypot(1.0, 0.7)
+    assert np.allclose(obs, [1.0, 4.3]) and not terminated
+    env.position = np.array([0.0, 3.5])
+    obs, reward, terminated, _, info = env.step(np.array([0.0, 0.8]))
+    assert terminated and info["goal"] == 1
+    assert reward == pytest.approx(-(30 * 0.64 + 0.7) + 10)
+    assert distance > 1
+
+
+def test_registered_with_a_30_step_limit():
+    env = make_env(GymEnvConfig(id=ENV_ID))
+    env.reset(seed=1)
+    steps, done = 0, False
+    while not done:
+        _, _, terminated, truncated, _ = env.step(np.zeros(2, dtype=np.float32))
+        steps, done = steps + 1, terminated or truncated
+    assert steps == 30 and truncated
+    assert ENV_ID in gymnasium.registry
+
+
+def test_goal_headings_separate_modes_from_a_uniform_spread():
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(0, 2 * np.pi, 20000)
+    uniform = 0.5 * np.stack([np.cos(angles), np.sin(angles)], 1)
+    assert goal_headings(uniform).sum() == pytest.approx(0.5, abs=0.02)  # 4 sectors of 45 degrees
+    toward_two = np.concatenate([GOALS[0] / 10 + 0.02 * rng.standard_normal((600, 2)),
+                                 GOALS[3] / 10 + 0.02 * rng.standard_normal((400, 2))])
+    assert np.allclose(goal_headings(toward_two), [0.6, 0.0, 0.0, 0.4])
+    assert goal_headings(np.zeros((10, 2))).sum() == 0  # standing still heads nowhere
+
+
+@pytest.mark.parametrize("config", [SACConfig(hidden=[16, 16], critic={"hidden": [16, 16]}),
+                                    FMERConfig(flow={"hidden": [16, 16], "steps": 3}, critic={"hidden": [16, 16]})])
+def test_report_writes_the_picture_and_the_coverage(config, tmp_path):
+    torch.manual_seed(0)
+    algorithm = make_algorithm(config, 2, -np.ones(2), np.ones(2))
+    coverage = multigoal_report(algorithm, tmp_path, num_samples=400)
+    assert (tmp_path / "multigoal.png").stat().st_size > 10_000
+    # untrained, the policy is about tanh of a wide Gaussian: every direction, more of them diagonal than on an axis
+    assert coverage["heading_fraction"] == pytest.approx(sum(coverage["goal_fractions"]))
+    assert 0.15 < coverage["heading_fraction"] < 0.5 and min(coverage["goal_fractions"]) > 0.02
+    json.dumps(coverage)
