@@ -40,7 +40,7 @@ from softflow.deploy.proto import ACT_METHOD, ActRequest, InfoRequest, PolicySer
 
 TRAIN_OVERRIDES = ["actors.count=0", "total_env_steps=500", "learner.learning_starts=250", "eval.episodes=0",
                    "wandb.mode=disabled"]
-WARMUP_S = 1.0
+WARMUP_S = 1.0  # at most: a load level's warm-up is min(WARMUP_S, seconds)
 FUZZ_IN_FLIGHT = 16
 RSS_SAMPLES = 10
 
@@ -58,7 +58,11 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
     with tempfile.TemporaryDirectory(prefix="softflow-bench-serve-") as scratch:
         checkpoint = prepare_checkpoint(source, overrides, Path(scratch))
         batched_flags = [] if max_batch_wait_ms is None else ["--max-batch-wait-ms", str(max_batch_wait_ms)]
-        with ServerProcess(checkpoint, batched_flags) as batched, ServerProcess(checkpoint, ["--no-batching"]) as plain:
+        with contextlib.ExitStack() as servers:
+            batched, plain = (servers.enter_context(ServerProcess(checkpoint, flags))
+                              for flags in (batched_flags, ["--no-batching"]))
+            for server in (batched, plain):
+                server.wait_ready()
             info = batched.info
             obs_dim = info.observation_space.shape[0]
             load, ratios = [], {}
@@ -74,8 +78,8 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
         "benchmark": "serve", "source": str(source), "overrides": overrides,
         "env": info.env_id, "algorithm": info.algorithm, "candidates": info.default_candidates,
         "device": info.device, "cpus": os.cpu_count(),
-        "params": {"seconds": seconds, "warmup_s": WARMUP_S, "clients": levels, "connections": connections,
-                   "rows_per_request": 1,
+        "params": {"seconds": seconds, "warmup_s": min(WARMUP_S, seconds), "clients": levels,
+                   "connections": connections, "rows_per_request": 1,
                    "max_batch_rows": info.max_batch_rows, "max_batch_wait_ms": info.max_batch_wait_ms,
                    "server_torch_threads": 1},
         "load": load, "batched_over_unbatched_throughput": ratios, "fuzz": fuzzed,
@@ -95,8 +99,8 @@ def prepare_checkpoint(source: str | Path, overrides: list[str], scratch: Path) 
 
 
 class ServerProcess:
-    """``softflow serve CHECKPOINT --port 0 --torch-threads 1 --reload-interval 0 FLAGS`` as a subprocess; the
-    port comes from its first line."""
+    """``softflow serve CHECKPOINT --port 0 --torch-threads 1 --reload-interval 0 FLAGS`` as a subprocess, started
+    on entering, stopped (SIGTERM) on leaving; ``wait_ready`` reads the address from its first line."""
 
     def __init__(self, checkpoint: Path, flags: list[str]):
         self.command = [sys.executable, "-m", "softflow.deploy.cli", "serve", str(checkpoint), "--port", "0",
@@ -106,16 +110,18 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SOFTFLOW_LOG_LEVEL": "WARNING"}
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
-        line = self.process.stdout.readline()
-        match = re.search(r" at (\S+)$", line.strip())
+        return self
+
+    def wait_ready(self) -> None:
+        """Waits for the server's first line, which names its address, and asks for its Info."""
+        match = re.search(r" at (\S+)$", self.process.stdout.readline().strip())
         if match is None:
-            self.__exit__()
+            self.process.wait(timeout=30)
             self.log.seek(0)
             raise RuntimeError(f"softflow serve did not start: {self.log.read().decode()[-2000:]}")
         self.address = match.group(1)
         with grpc.insecure_channel(self.address) as channel:
             self.info = PolicyServiceStub(channel).Info(InfoRequest(), timeout=30)
-        return self
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
@@ -135,13 +141,14 @@ class ServerProcess:
 
 
 async def closed_loop(address: str, obs_dim: int, clients: int, connections: int, seconds: float) -> dict:
-    """``clients`` clients over ``connections`` channels, each sending one batch-1 request after the other, for
-    ``WARMUP_S + seconds``; latency percentiles and throughput over the last ``seconds``."""
+    """``clients`` clients over ``connections`` channels, each sending one batch-1 request after the other, for a
+    warm-up and ``seconds``; latency percentiles and throughput over the last ``seconds``."""
     rng = np.random.default_rng(0)
     done: list[tuple[float, float]] = []
     errors: dict[str, int] = {}
     start = time.perf_counter()
-    measure_from, stop_at = start + WARMUP_S, start + WARMUP_S + seconds
+    measure_from = start + min(WARMUP_S, seconds)
+    stop_at = measure_from + seconds
 
     async def client(act) -> None:
         request = ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))

@@ -327,5 +327,6 @@ def serve_forever(path: str | Path, options: ServeOptions, torch_threads: int = 
                 else "no batching")
     print(f"softflow: serving {s.file} ({s.algorithm} on {s.env_id}, version {s.version}, "
           f"{s.policy.algorithm.device}; {scheme}, {auth}, {batching}) at {server.address}", flush=True)
-    stop.wait()
+    while not stop.wait(0.2):  # a timed wait: the signal may reach another thread, and only this one runs handlers
+        pass
     server.stop()

@@ -1,0 +1,42 @@
+"""Smoke test of ``softflow bench serve`` at a small scale (real server processes, a short load and fuzz run):
+every field present, every rate and latency positive, ratios equal to their parts, the fuzz run survived with
+only the expected statuses. Timings are not compared with thresholds (DESIGN.md, "Performance")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_serve import train_tiny_run
+
+from softflow.deploy.bench_serve import bench_serve
+from softflow.deploy.config import ConfigError
+
+
+def test_smoke_bench_serve_reports_load_and_fuzz(tmp_path):
+    report = bench_serve(train_tiny_run(tmp_path / "run"), [], seconds=0.3, clients="1,4", fuzz=200)
+    assert (report["env"], report["algorithm"], report["candidates"], report["device"]) == (
+        "InvertedPendulum-v5", "isfm", 4, "cpu")
+    assert report["params"]["clients"] == [1, 4] and report["params"]["connections"] == 1
+    rows = {(row["mode"], row["clients"]): row for row in report["load"]}
+    assert set(rows) == {(mode, n) for mode in ("batched", "unbatched") for n in (1, 4)}
+    for row in rows.values():
+        assert row["requests"] > 0 and row["errors"] == {}
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and math.isfinite(row["requests_per_s"])
+    for n in (1, 4):
+        ratio = rows[("batched", n)]["requests_per_s"] / rows[("unbatched", n)]["requests_per_s"]
+        assert math.isclose(report["batched_over_unbatched_throughput"][str(n)], ratio)
+    fuzz = report["fuzz"]
+    assert fuzz["requests"] == sum(fuzz["statuses"].values()) == 200 and fuzz["unexpected_statuses"] == {}
+    assert fuzz["server_alive"] and fuzz["valid_request_answered_after"]
+    assert fuzz["rss_mb_before"] > 0 and len(fuzz["rss_mb_samples"]) == 11
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"clients": "1,x"}, "--clients must be comma-separated integers"),
+    ({"clients": "0"}, "--seconds, --connections and every --clients level must be positive"),
+    ({"fuzz": -1}, "--fuzz at least 0"),
+])
+def test_bench_serve_bad_arguments(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        bench_serve("no/such/run", [], **kwargs)
