@@ -12,12 +12,13 @@ import torch
 from pydantic import Field
 
 from softflow.algorithms.base import Algorithm, AlgorithmConfig
+from softflow.algorithms.flame import FLAME
 from softflow.algorithms.fmer import FMER, FMERConfig
 from softflow.algorithms.isfm import ISFM, ISFMConfig
 from softflow.algorithms.sac import SAC, SACConfig
 from softflow.algorithms.sacflow import SACFlow
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM, "fmer": FMER, "sacflow": SACFlow}
+ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM, "fmer": FMER, "sacflow": SACFlow, "flame": FLAME}
 
 AnyAlgorithmConfig = Annotated[Union[tuple(cls.Config for cls in ALGORITHMS.values())], Field(discriminator="name")]
 

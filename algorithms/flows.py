@@ -42,13 +42,13 @@ STEP_LOG_DET_FLOOR = math.log(1e-3)
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal features of t in [0, 1]: sin and cos at geometrically spaced frequencies 1..1000."""
+    """Sinusoidal features of t in [0, 1]: sin and cos at geometrically spaced frequencies 1..max_frequency."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, max_frequency: float = 1000.0):
         super().__init__()
         if dim % 2:
             raise ValueError(f"time embedding dimension must be even, got {dim}")
-        self.register_buffer("freqs", torch.logspace(0, 3, dim // 2))
+        self.register_buffer("freqs", torch.logspace(0, math.log10(max_frequency), dim // 2))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t * self.freqs
@@ -74,10 +74,11 @@ class MLPVelocity(VelocityField):
     """v(x, t, s) = MLP([x, emb(t), s]) with SiLU units; the last layer starts at zero, so the initial policy is
     the base distribution N(0, I) pushed through the squashing map."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], time_dim: int = 32):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], time_dim: int = 32,
+                 time_max_frequency: float = 1000.0):
         super().__init__()
         self.act_dim = act_dim
-        self.time = TimeEmbedding(time_dim)
+        self.time = TimeEmbedding(time_dim, time_max_frequency)
         self.net = mlp(act_dim + time_dim + obs_dim, hidden, act_dim, activation=nn.SiLU)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)

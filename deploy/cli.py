@@ -7,6 +7,8 @@
     softflow bench runtime [EXPERIMENT.yaml [key=value ...]] [--seconds S]
     softflow bench rllib [--env ENV] [--seconds S] [--batch-size B] [--updates-per-step R]
     softflow bench serve [EXPERIMENT.yaml | RUN_DIR | CHECKPOINT] [--seconds S] [--clients 1,8,64] [--fuzz N] [...]
+    softflow bench act [--candidates N] [--repeats N] [--quick]
+    softflow bench gradients [--env ENV] [--env-steps N] [--batch-size B] [--plot PNG]
     softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
     softflow serve RUN_DIR_OR_CHECKPOINT [--port P] [--host H] [--token-file F] [--tls-cert C --tls-key K] [...]
     softflow act [--address HOST:PORT] [--obs JSON] [--candidates N] [--deterministic] [--seed S] [--token-file F]
@@ -61,7 +63,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "serve":
+    if args.what == "act":
+        from softflow.deploy.bench_act import bench_act
+
+        report = bench_act(candidates=args.candidates, repeats=args.repeats, quick=args.quick)
+    elif args.what == "gradients":
+        from softflow.deploy.bench_gradients import bench_gradients
+
+        report = bench_gradients(args.env, env_steps=args.env_steps, batch_size=args.batch_size, plot=args.plot)
+    elif args.what == "serve":
         from softflow.deploy.bench_serve import bench_serve
 
         report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 5.0, clients=args.clients,
@@ -130,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_evaluate)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["learner", "runtime", "rllib", "serve"],
+    bench.add_argument("what", choices=["learner", "runtime", "rllib", "serve", "act", "gradients"],
                        help="learner: update and sampling costs; runtime: the Ray runtime's costs against the same "
                             "loops alone, for an experiment file; rllib: softflow's SAC against RLlib's SAC for the "
                             "same wall time; serve: the gRPC policy server's latency and throughput, batched and "
-                            "unbatched, and a fuzz run")
+                            "unbatched, and a fuzz run; act: time per action of SAC, FLAME, the 10-step flow and SAC "
+                            "Flow, best of --candidates; gradients: SAC Flow's actor-gradient norms over training "
+                            "for K = 4, 7, 10 and the naive, gated and decoded velocities")
     bench.add_argument("experiment", nargs="?", default="cluster/experiments/inverted-pendulum.yaml",
                        help="runtime: the experiment to measure (default: the Quickstart experiment); serve: an "
                             "experiment to train briefly and serve (default: the Quickstart experiment), or a run "
@@ -148,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fuzz", type=int, default=10_000, help="serve only: fuzzed requests (0: none)")
     bench.add_argument("--max-batch-wait-ms", type=float, default=None,
                        help="serve only: the batched server's wait (default: softflow serve's)")
-    bench.add_argument("--env", default="HalfCheetah-v5", help="rllib only: the environment")
+    bench.add_argument("--env", default="HalfCheetah-v5", help="rllib, gradients: the environment")
+    bench.add_argument("--candidates", type=int, default=32, help="act only: best-of-N candidates per state")
+    bench.add_argument("--env-steps", type=int, default=5000, help="gradients only: env steps per run (1000 random)")
+    bench.add_argument("--plot", default=None, help="gradients only: write the figure to this PNG")
     bench.add_argument("--updates-per-step", type=float, default=1.0, help="rllib only: the UTD ratio of both")
     bench.add_argument("--updates", type=int, default=20, help="timed updates per algorithm")
     bench.add_argument("--batch-size", type=int, default=256)

@@ -1,0 +1,216 @@
+"""FLAME (flame.py, meanflow.py) against closed forms.
+
+Straight path towards N(M, diag(S^2)) from N(0, I): x_t = t M + S_t x_0 with S_t^2 = (1 - t)^2 + t^2 S^2, so the
+average velocity over [r, t] from x at time r is u(x, r, t) = M + (S_t - S_r) / ((t - r) S_r) (x - r M), with
+u(x, t, t) = v(x, t) = M + S_t' / S_t (x - t M), S_t' = (t S^2 - (1 - t)) / S_t, and u(x, 0, 1) = M + (S - 1) x.
+The one-step sample, the MeanFlow identity and the decoupled density are checked on this field; the Q-reweighted
+targets against the posterior of a Gaussian (or box-truncated Gaussian) target.
+"""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import jvp
+
+from softflow.algorithms import make_algorithm
+from softflow.algorithms.flame import FLAMEConfig, posterior_candidates, truncated_normal
+from softflow.algorithms.meanflow import MeanFlowNetwork, MeanFlowPolicy, meanflow_target
+from softflow.algorithms.squash import Squash
+
+M = torch.tensor([0.8, -0.3], dtype=torch.float64)
+S = torch.tensor([0.5, 1.5], dtype=torch.float64)
+UNBOUNDED = Squash([-math.inf] * 2, [math.inf] * 2)
+
+
+def spread(t):
+    return ((1 - t) ** 2 + t**2 * S**2).sqrt()
+
+
+class GaussianMeanFlow(nn.Module):
+    """The exact average velocity of the Gaussian path (module docstring), with MeanFlowNetwork's interface."""
+
+    act_dim = 2
+
+    def forward(self, x, r, t, obs):
+        gap = t - r
+        instantaneous = (t * S**2 - (1 - t)) / spread(t) ** 2
+        average = (spread(t) - spread(r)) / (gap.clamp(min=1e-12) * spread(r))
+        return M + torch.where(gap > 1e-9, average, instantaneous) * (x - r * M)
+
+    def instantaneous(self, x, tau, obs):
+        return self(x, tau, tau, obs)
+
+    def instantaneous_and_jacobian(self, x, tau, obs):
+        slope = (tau * S**2 - (1 - tau)) / spread(tau) ** 2
+        return self.instantaneous(x, tau, obs), torch.diag_embed(slope.expand_as(x))
+
+
+def gaussian_log_prob(x):
+    return torch.distributions.Normal(M, S).log_prob(x).sum(-1)
+
+
+def test_meanflow_target_is_the_identity_of_the_exact_average_velocity():
+    torch.manual_seed(0)
+    field = GaussianMeanFlow()
+    x = torch.randn(64, 2, dtype=torch.float64)
+    r = torch.rand(64, 1, dtype=torch.float64) * 0.6
+    t = r + torch.rand(64, 1, dtype=torch.float64) * (1 - r)
+    u, target = meanflow_target(field, x, r, t, None, field.instantaneous(x, r, None))
+    torch.testing.assert_close(target, u, atol=1e-9, rtol=0)
+    reversed_sign = 2 * field.instantaneous(x, r, None) - target  # v - (t - r) du/dr: MeanFlow's form, our times
+    assert (reversed_sign - u).abs().max() > 0.1
+
+
+def test_one_step_sample_is_the_target_gaussian_and_the_decoupled_density_converges_to_its_log_density():
+    torch.manual_seed(1)
+    obs = torch.zeros(40000, 1, dtype=torch.float64)
+    policy = MeanFlowPolicy(GaussianMeanFlow(), UNBOUNDED, entropy_steps=20).double()
+    with torch.no_grad():
+        sample = policy.sample(obs, noise=torch.randn(40000, 2, dtype=torch.float64), with_log_prob=True)
+    torch.testing.assert_close(sample.action.mean(0), M, atol=0.02, rtol=0)
+    torch.testing.assert_close(sample.action.std(0), S, atol=0, rtol=0.02)
+    exact = gaussian_log_prob(sample.action)
+    coarse = (sample.log_prob - exact).abs().mean()
+    policy.entropy_steps = 200
+    with torch.no_grad():
+        fine = (policy.sample(obs[:2000], noise=sample.latent[:2000] * 0 + torch.randn(2000, 2).double(),
+                              with_log_prob=True))
+    fine_err = (fine.log_prob - gaussian_log_prob(fine.action)).abs().mean()
+    assert coarse < 0.1 and fine_err < coarse / 5, (coarse, fine_err)
+    entropy = float(torch.log(2 * math.pi * math.e * S**2).sum() / 2)
+    assert abs(float(-fine.log_prob.mean()) - entropy) < 0.05
+    policy.log_prob_method, policy.entropy_steps = "hutchinson", 20
+    with torch.no_grad():
+        hutchinson = policy.sample(obs, noise=sample.latent * 0 + torch.randn(40000, 2).double(), with_log_prob=True)
+    assert abs(float(-hutchinson.log_prob.mean()) - entropy) < 0.1
+
+
+def test_decoupled_density_is_a_normalised_density_of_the_action():
+    """E_q[p / q] = 1 for a random MeanFlow network and a 5-step reverse solve (a bijection here): the estimator
+    is the exact density of the map it solves. q is uniform on [-8, 8] in normalised units; the action's density
+    adds the log half-range."""
+    torch.manual_seed(2)
+    network = MeanFlowNetwork(1, 1, [16], time_dim=8)
+    for p in network.parameters():
+        nn.init.normal_(p, std=0.3)
+    policy = MeanFlowPolicy(network, Squash([-2.0], [2.0]), entropy_steps=5)
+    n = 400_000
+    latent = torch.rand(n, 1) * 16 - 8
+    with torch.no_grad():
+        log_p = policy.latent_log_prob(torch.zeros(n, 1), latent)
+        sample = policy.sample(torch.zeros(3, 1), noise=torch.zeros(3, 1), with_log_prob=True)
+    ratio = (log_p.double() + math.log(16.0)).exp()
+    stderr = float(ratio.std() / math.sqrt(n))
+    assert abs(float(ratio.mean()) - 1) < 4 * stderr, (float(ratio.mean()), stderr)
+    torch.testing.assert_close(sample.log_prob, policy.latent_log_prob(torch.zeros(3, 1), sample.latent)
+                               - math.log(2.0))
+
+
+def posterior_velocity(x, r, mu, var, box=False):
+    """E[a - eps | x_r = x] for pi+ = N(mu, var) (restricted to [-1, 1] when ``box``), 1D: the posterior of a is
+    N(m, s^2) with precision r^2 / (1 - r)^2 + 1 / var, truncated to the box if the target is."""
+    precision = r**2 / (1 - r) ** 2 + 1 / var
+    m, s = (r * x / (1 - r) ** 2 + mu / var) / precision, precision**-0.5
+    if box:
+        normal = torch.distributions.Normal(0.0, 1.0)
+        lo, hi = torch.tensor((-1 - m) / s), torch.tensor((1 - m) / s)
+        m = m + s * float((normal.log_prob(lo).exp() - normal.log_prob(hi).exp()) / (normal.cdf(hi) - normal.cdf(lo)))
+    return (m - x) / (1 - r)
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_q_reweighted_posterior_candidates_estimate_the_target_velocity(box):
+    torch.manual_seed(3)
+    mu, var, alpha = (0.7, 0.3, 0.2) if box else (0.7, 0.05, 0.2)
+    for x, r in ((0.3, 0.2), (-0.4, 0.5), (0.9, 0.85)):
+        xs, rs = torch.full((1, 1), x), torch.full((1, 1), r)
+        actions, eps = posterior_candidates(xs, rs, 200_000, box)
+        torch.testing.assert_close((1 - r) * eps + r * actions, xs.expand_as(actions)[:, None].squeeze(1)
+                                   .expand_as(actions), atol=1e-5, rtol=0)
+        if box:
+            assert actions.abs().max() <= 1
+        weights = torch.softmax(-alpha * (actions[..., 0] - mu) ** 2 / (2 * var) / alpha, dim=1)
+        v_bar = float((weights * (actions - eps)[..., 0]).sum())
+        assert abs(v_bar - posterior_velocity(x, r, mu, var, box)) < 0.02, (x, r, v_bar)
+
+
+def test_truncated_normal_matches_the_closed_form_and_puts_far_posteriors_on_the_nearest_face():
+    torch.manual_seed(4)
+    samples = truncated_normal(torch.tensor(0.5), torch.tensor(1.0), (200_000,))
+    normal = torch.distributions.Normal(0.0, 1.0)
+    lo, hi = torch.tensor(-1.5), torch.tensor(0.5)
+    pdf, mass = normal.log_prob(torch.stack([lo, hi])).exp(), normal.cdf(hi) - normal.cdf(lo)
+    mean = 0.5 + float((pdf[0] - pdf[1]) / mass)
+    var = 1 + float((lo * pdf[0] - hi * pdf[1]) / mass) - float((pdf[0] - pdf[1]) / mass) ** 2
+    assert abs(float(samples.mean()) - mean) < 0.01 and abs(float(samples.var()) / var - 1) < 0.02
+    far = truncated_normal(torch.tensor([-5.0, 40.0]), torch.tensor([0.01, 0.01]), (1000, 2))
+    assert torch.isfinite(far).all()
+    assert (far[:, 0] < -0.999).all() and (far[:, 1] > 0.999).all()
+
+
+def test_one_jvp_with_the_weighted_velocity_has_the_gradient_of_the_k_jvp_loss():
+    torch.manual_seed(5)
+    network = MeanFlowNetwork(3, 2, [16], time_dim=8)
+    for p in network.parameters():
+        nn.init.normal_(p, std=0.3)
+    b, k = 6, 5
+    x, obs = torch.randn(b, 2), torch.randn(b, 3)
+    r = torch.rand(b, 1) * 0.5
+    t = r + 0.4
+    v, weights = torch.randn(b, k, 2), torch.softmax(torch.randn(b, k), 1)
+    per_candidate = 0.0
+    for j in range(k):
+        u, du_dr = jvp(lambda xx, rr: network(xx, rr, t, obs), (x, r), (v[:, j], torch.ones_like(r)))
+        per_candidate = per_candidate + (weights[:, j] * (u - (v[:, j] + (t - r) * du_dr).detach()).pow(2).sum(-1))
+    grads_k = torch.autograd.grad(per_candidate.mean(), list(network.parameters()))
+    u, target = meanflow_target(network, x, r, t, obs, (weights.unsqueeze(-1) * v).sum(1))
+    grads_1 = torch.autograd.grad((u - target).pow(2).sum(-1).mean(), list(network.parameters()))
+    for a, c in zip(grads_k, grads_1):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in grads_1) > 1e-3
+
+
+def fixed_batch(n=32, obs_dim=3, act_dim=2):
+    g = torch.Generator().manual_seed(0)
+    return {"obs": torch.randn(n, obs_dim, generator=g), "actions": torch.rand(n, act_dim, generator=g) * 2 - 1,
+            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, obs_dim, generator=g),
+            "terminated": (torch.rand(n, generator=g) < 0.1).float()}
+
+
+SMALL = FLAMEConfig(hidden=[32, 32], critic={"hidden": [32, 32]}, batch_size=32, num_candidates=8, entropy_steps=4,
+                    policy_frequency=1)
+
+
+def test_state_dict_round_trip_gives_the_identical_next_update_and_actors_act_in_the_box():
+    torch.manual_seed(0)
+    original = make_algorithm(SMALL, 3, -np.ones(2), np.ones(2))
+    assert original.config.target_entropy == -6.0  # -3 |A|
+    batch = fixed_batch()
+    for _ in range(3):
+        original.update(batch)
+    restored = make_algorithm(SMALL, 3, -np.ones(2), np.ones(2))
+    restored.load_state_dict(copy.deepcopy(original.state_dict()))
+    torch.manual_seed(7)
+    expected = original.update(batch)
+    torch.manual_seed(7)
+    assert restored.update(batch) == expected
+    assert {"losses/policy_loss", "learner/entropy", "learner/weight_ess"} <= set(expected)
+    actor = make_algorithm(SMALL, 3, -np.ones(2), np.ones(2))
+    actor.load_policy_weights(original.policy_weights())
+    obs = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(actor.act(obs, explore=False), original.act(obs, explore=False))
+    explored = actor.act(obs, explore=True, candidates=32)
+    assert explored.shape == (64, 2) and np.abs(explored).max() <= 1
+
+
+def test_exploration_noise_has_std_exploration_scale_times_alpha():
+    config = SMALL.model_copy(update={"alpha": 0.5, "exploration_scale": 2.0})
+    torch.manual_seed(1)
+    algorithm = make_algorithm(config, 3, np.full(2, -np.inf), np.full(2, np.inf))  # u = 0: pi = N(0, I)
+    actions = algorithm.act(np.zeros((40000, 3), dtype=np.float32), explore=True)
+    np.testing.assert_allclose(actions.var(0), 1 + (2.0 * 0.5) ** 2, rtol=0.03)
+    np.testing.assert_allclose(algorithm.act(np.zeros((5, 3), dtype=np.float32), explore=False), 0.0)
