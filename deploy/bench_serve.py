@@ -2,25 +2,24 @@
 
 1. Load: ``softflow serve`` runs twice as real processes on loopback (one torch thread each, no reload), batched
    (the default flags) and with ``--no-batching``. For each number of concurrent clients (1, 8, 64 by default),
-   each server in turn gets ``seconds`` of closed-loop load: every client sends batch-1 ``Act`` requests one after
-   the other. The clients share ``connections`` HTTP/2 connections (1 by default, as ghz does; a Python load
-   generator with a connection per client spends more of the 2 cores than the server it measures). Reported: p50
-   and p99 latency, requests per second, and batched over unbatched throughput at each level (the issue's target:
-   >= 4 at 64 clients).
+   each server in turn gets ``seconds`` of closed-loop load after a warm-up: every client sends batch-1 ``Act``
+   requests one after the other. The clients share ``connections`` HTTP/2 connections (1 by default, as ghz does)
+   and are completion callbacks of grpc's own client, the cheapest Python load generator measured here: on 2
+   cores it takes CPU from the server it measures. Reported: p50 and p99 latency, requests per second, the
+   server's CPU time per request (steadier than throughput on a shared machine), and batched over unbatched
+   throughput at each level (the issue's target: >= 4 at 64 clients).
 2. Fuzz: ``fuzz`` requests to the batched server, 16 in flight: random bytes, random shapes and dtypes, NaN and
    inf, wrong widths, mutated valid requests, oversized messages and batches, random candidates and seeds, and
    valid requests between them. Reported: the count of each status, that the server process is alive and answers
    a valid request afterwards, and its resident memory before, during and after.
 
 The policy is the Quickstart experiment's (its network sizes and best-of-N), trained for a few hundred steps in
-serial mode unless a run directory or checkpoint is given. The load generator (grpc.aio) shares the machine with
-the servers: on 2 cores the figures are what a client and a server on one small machine get, and the ratios
-are the result (DESIGN.md, "Performance").
+serial mode unless a run directory or checkpoint is given. Ratios are the result; absolute figures move with the
+machine's load (DESIGN.md, "Performance").
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -28,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,16 +64,14 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
             for server in (batched, plain):
                 server.wait_ready()
             info = batched.info
-            obs_dim = info.observation_space.shape[0]
             load, ratios = [], {}
             for n in levels:
                 rows = {}
                 for mode, server in (("unbatched", plain), ("batched", batched)):
-                    rows[mode] = {"mode": mode, "clients": n,
-                                  **asyncio.run(closed_loop(server.address, obs_dim, n, connections, seconds))}
+                    rows[mode] = {"mode": mode, "clients": n, **closed_loop(server, n, connections, seconds)}
                     load.append(rows[mode])
                 ratios[str(n)] = rows["batched"]["requests_per_s"] / rows["unbatched"]["requests_per_s"]
-            fuzzed = run_fuzz(batched, obs_dim, fuzz) if fuzz else None
+            fuzzed = run_fuzz(batched, fuzz) if fuzz else None
     return {
         "benchmark": "serve", "source": str(source), "overrides": overrides,
         "env": info.env_id, "algorithm": info.algorithm, "candidates": info.default_candidates,
@@ -132,6 +130,11 @@ class ServerProcess:
             self.process.wait()
         self.log.close()
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the server process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         """Resident memory of the server process (Linux /proc)."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -140,38 +143,56 @@ class ServerProcess:
         return float("nan")
 
 
-async def closed_loop(address: str, obs_dim: int, clients: int, connections: int, seconds: float) -> dict:
-    """``clients`` clients over ``connections`` channels, each sending one batch-1 request after the other, for a
-    warm-up and ``seconds``; latency percentiles and throughput over the last ``seconds``."""
+def closed_loop(server: "ServerProcess", clients: int, connections: int, seconds: float) -> dict:
+    """``clients`` clients over ``connections`` channels, each sending one batch-1 request after the other (the
+    next from the completion callback of the last), for a warm-up and ``seconds``; latency percentiles, throughput
+    and the server's CPU time per request over the last ``seconds``."""
     rng = np.random.default_rng(0)
+    obs_dim = server.info.observation_space.shape[0]
+    requests = [ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))
+                .SerializeToString() for _ in range(clients)]
+    channels = [grpc.insecure_channel(server.address) for _ in range(min(clients, connections))]
+    acts = [channel.unary_unary(ACT_METHOD) for channel in channels]  # bytes in and out: no client-side parsing
+    lock, finished, running = threading.Lock(), threading.Event(), [clients]
     done: list[tuple[float, float]] = []
     errors: dict[str, int] = {}
-    start = time.perf_counter()
-    measure_from = start + min(WARMUP_S, seconds)
+    measure_from = time.perf_counter() + min(WARMUP_S, seconds)
     stop_at = measure_from + seconds
+    cpu_at_start = None
 
-    async def client(act) -> None:
-        request = ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))
-        while (sent := time.perf_counter()) < stop_at:
-            try:
-                await act(request, timeout=30)
-            except grpc.RpcError as exc:
-                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-                continue
-            if sent >= measure_from:
-                done.append((sent, time.perf_counter() - sent))
+    def send(i: int) -> None:
+        sent = time.perf_counter()
+        acts[i % len(acts)].future(requests[i], timeout=30).add_done_callback(lambda f: received(i, sent, f))
 
-    channels = [grpc.aio.insecure_channel(address) for _ in range(min(clients, connections))]
-    try:
-        await asyncio.gather(*(client(PolicyServiceStub(channels[i % len(channels)]).Act) for i in range(clients)))
-    finally:
-        await asyncio.gather(*(channel.close() for channel in channels))
+    def received(i: int, sent: float, future: grpc.Future) -> None:
+        nonlocal cpu_at_start
+        now = time.perf_counter()
+        with lock:
+            if now >= measure_from and cpu_at_start is None:
+                cpu_at_start = server.cpu_seconds()
+            if future.exception() is not None:
+                errors[future.exception().code().name] = errors.get(future.exception().code().name, 0) + 1
+            elif sent >= measure_from:
+                done.append((sent, now - sent))
+            if now >= stop_at:
+                running[0] -= 1
+                if running[0] == 0:
+                    finished.set()
+                return
+        send(i)
+
+    for i in range(clients):
+        send(i)
+    finished.wait()
+    cpu = server.cpu_seconds() - (cpu_at_start or 0.0)
+    for channel in channels:
+        channel.close()
     latencies = sorted(latency for _, latency in done)
-    elapsed = max(end for end in (sent + latency for sent, latency in done)) - measure_from if done else seconds
+    elapsed = max(sent + latency for sent, latency in done) - measure_from if done else seconds
     return {"requests": len(latencies), "requests_per_s": len(latencies) / elapsed,
             "p50_ms": statistics.median(latencies) * 1e3 if latencies else None,
             "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3 if latencies else None,
-            "errors": errors}
+            "server_cpu_ms_per_request": cpu / len(latencies) * 1e3 if latencies else None, "errors": errors}
 
 
 def fuzz_request(rng: np.random.Generator, obs_dim: int, max_message_bytes: int) -> bytes:
@@ -217,32 +238,33 @@ def fuzz_request(rng: np.random.Generator, obs_dim: int, max_message_bytes: int)
     return valid(1).SerializeToString()
 
 
-def run_fuzz(server: ServerProcess, obs_dim: int, requests: int, seed: int = 0) -> dict:
-    """Sends ``requests`` fuzzed requests to ``server``; statuses, survival and memory."""
+def run_fuzz(server: ServerProcess, requests: int, seed: int = 0) -> dict:
+    """Sends ``requests`` fuzzed requests to ``server``, ``FUZZ_IN_FLIGHT`` at a time; statuses, survival and
+    resident memory."""
     rng = np.random.default_rng(seed)
+    obs_dim = server.info.observation_space.shape[0]
     statuses: dict[str, int] = {}
     rss = [server.rss_mb()]
+    in_flight = threading.BoundedSemaphore(FUZZ_IN_FLIGHT)
+    lock = threading.Lock()
 
-    async def send_all() -> None:
-        queue = iter(range(requests))
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            act = channel.unary_unary(ACT_METHOD)
-
-            async def sender() -> None:
-                for i in queue:
-                    try:
-                        await act(fuzz_request(rng, obs_dim, server.info.max_message_bytes), timeout=30)
-                        code = "OK"
-                    except grpc.RpcError as exc:
-                        code = exc.code().name
-                    statuses[code] = statuses.get(code, 0) + 1
-                    if (i + 1) % max(1, requests // RSS_SAMPLES) == 0:
-                        rss.append(server.rss_mb())
-
-            await asyncio.gather(*(sender() for _ in range(FUZZ_IN_FLIGHT)))
+    def count(future: grpc.Future) -> None:
+        code = "OK" if future.exception() is None else future.exception().code().name
+        with lock:
+            statuses[code] = statuses.get(code, 0) + 1
+        in_flight.release()
 
     start = time.perf_counter()
-    asyncio.run(send_all())
+    with grpc.insecure_channel(server.address) as channel:
+        act = channel.unary_unary(ACT_METHOD)
+        for i in range(requests):
+            raw = fuzz_request(rng, obs_dim, server.info.max_message_bytes)
+            in_flight.acquire()
+            act.future(raw, timeout=30).add_done_callback(count)
+            if (i + 1) % max(1, requests // RSS_SAMPLES) == 0:
+                rss.append(server.rss_mb())
+        for _ in range(FUZZ_IN_FLIGHT):  # the last calls have finished
+            in_flight.acquire()
     elapsed = time.perf_counter() - start
     alive = server.process.poll() is None
     answer = None
