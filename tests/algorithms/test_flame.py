@@ -9,6 +9,7 @@ targets against the posterior of a Gaussian (or box-truncated Gaussian) target.
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from softflow.algorithms import make_algorithm
 from softflow.algorithms.flame import FLAMEConfig, posterior_candidates, truncated_normal
 from softflow.algorithms.meanflow import MeanFlowNetwork, MeanFlowPolicy, meanflow_target
 from softflow.algorithms.squash import Squash
+from softflow.deploy.config import load_experiment
 
 M = torch.tensor([0.8, -0.3], dtype=torch.float64)
 S = torch.tensor([0.5, 1.5], dtype=torch.float64)
@@ -214,3 +216,16 @@ def test_exploration_noise_has_std_exploration_scale_times_alpha():
     actions = algorithm.act(np.zeros((40000, 3), dtype=np.float32), explore=True)
     np.testing.assert_allclose(actions.var(0), 1 + (2.0 * 0.5) ** 2, rtol=0.03)
     np.testing.assert_allclose(algorithm.act(np.zeros((5, 3), dtype=np.float32), explore=False), 0.0)
+
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "cluster" / "experiments").glob("*flame*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_shipped_flame_experiment_loads(path):
+    assert load_experiment(path, []).algorithm.name == "flame"
+
+
+def test_flame_experiments_cover_mujoco_kitchen_the_pendulum_and_the_lqr():
+    assert {"halfcheetah-flame.yaml", "inverted-pendulum-flame.yaml", "lqr-flame.yaml",
+            "kitchen-4task-flame.yaml"} <= {p.name for p in EXPERIMENTS}

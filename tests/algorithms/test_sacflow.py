@@ -10,6 +10,7 @@ A' = F A + h + sigma sqrt(dt) eps, so the terminal mean and variance follow an e
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from softflow.algorithms import make_algorithm
 from softflow.algorithms.flows import MLPVelocity, VelocityField
 from softflow.algorithms.sacflow import NoiseAugmentedFlow, SACFlowConfig
 from softflow.algorithms.squash import Squash
+from softflow.deploy.config import load_experiment
 
 M = torch.tensor([0.8, -0.3])
 S = torch.tensor([0.5, 1.5])
@@ -201,3 +203,17 @@ def test_state_dict_round_trip_gives_the_identical_next_update_and_reports_the_a
 def test_midpoint_is_rejected():
     with pytest.raises(ValueError, match="Euler"):
         SACFlowConfig(flow={"integrator": "midpoint"})
+
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "cluster" / "experiments").glob("*sacflow*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_shipped_sacflow_experiment_loads(path):
+    config = load_experiment(path, [])
+    assert config.algorithm.name == "sacflow" and config.algorithm.flow.integrator == "euler"
+
+
+def test_sacflow_experiments_cover_mujoco_kitchen_the_pendulum_and_the_lqr():
+    assert {"halfcheetah-sacflow.yaml", "inverted-pendulum-sacflow.yaml", "lqr-sacflow.yaml",
+            "kitchen-4task-sacflow.yaml"} <= {p.name for p in EXPERIMENTS}
