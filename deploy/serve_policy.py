@@ -7,8 +7,8 @@
   float32/float64, a shape that is not (rows, obs_dim) or does not match the data, an empty batch, NaN or inf,
   deterministic with several candidates), RESOURCE_EXHAUSTED for well-formed ones over a limit (rows, candidates).
 - :class:`Batcher`: concurrent queries wait in one queue; its thread gathers up to ``max_rows`` rows, waiting at
-  most ``max_wait_ms`` after the first for more, makes one policy call per candidate count, and hands each caller
-  its rows. A seeded query is served alone, under its seed.
+  most ``max_wait_ms`` after the first for more (when there has been more), makes one policy call per candidate
+  count, and hands each caller its rows. A seeded query is served alone, under its seed.
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ class Batcher:
         self._max_wait_s = max_wait_ms / 1e3
         self._jobs: deque[_Job] = deque()
         self._queued_rows = 0
+        self._concurrent = False  # did the last batch find company? Only then is waiting for more worth it
         self._changed = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="softflow-batcher", daemon=True)
@@ -221,15 +222,16 @@ class Batcher:
                 self._serve(served, candidates, group)
 
     def _gather(self) -> list[_Job] | None:
-        """The next batch (None once closed): the first query, and with batching, once ``max_rows`` rows are
-        queued or ``max_wait`` after the first arrived, the queries behind it that fit."""
+        """The next batch (None once closed): the first query and, with batching, the queries behind it that fit
+        once ``max_rows`` rows are queued or ``max_wait`` after the first arrived. The wait is skipped while the
+        last batch was one query alone with none behind it: a lone caller is not kept waiting for company."""
         with self._changed:
             while not self._jobs and not self._closed:
                 self._changed.wait()
             if self._closed:
                 return None
             first = self._jobs[0]
-            if self._batching and first.query.seed is None:
+            if self._batching and first.query.seed is None and self._concurrent:
                 self._changed.wait_for(lambda: self._queued_rows >= self._max_rows or self._closed,
                                        timeout=max(0.0, first.queued_at + self._max_wait_s - time.monotonic()))
             jobs, rows = [self._jobs.popleft()], len(first.query.obs)
@@ -240,6 +242,7 @@ class Batcher:
                 jobs.append(self._jobs.popleft())
                 rows += len(following.obs)
             self._queued_rows -= rows
+            self._concurrent = len(jobs) > 1 or bool(self._jobs)
             return jobs
 
     def _serve(self, served: ServedPolicy, candidates: int, group: list[_Job]) -> None:
