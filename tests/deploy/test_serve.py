@@ -122,6 +122,21 @@ def test_concurrent_calls_share_policy_calls_and_each_gets_its_own_rows(run_dir,
     assert calls < len(requests), f"{len(requests)} concurrent requests took {calls} policy calls"
 
 
+def test_the_batch_wait_is_for_concurrent_callers_only(run_dir):
+    obs = observations(1)
+    with PolicyServer(run_dir, ServeOptions(port=0, reload_interval_s=0, max_batch_wait_ms=300)) as server, \
+            PolicyClient(server.address) as client:
+        client.act(obs)
+        start = time.monotonic()
+        for _ in range(5):
+            client.act(obs)
+        assert time.monotonic() - start < 1.0, "a lone caller waited for company"
+        calls_before = server.batcher.policy_calls
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: client.act(obs), range(16)))
+        assert server.batcher.policy_calls - calls_before < 8  # the 300 ms wait gathers the concurrent calls
+
+
 def write_new_checkpoint(run_dir: Path, version: int) -> None:
     """What training does: the networks moved on (here: policy weights scaled), saved by an atomic rename."""
     file = run_dir / "checkpoints" / "latest.pt"
