@@ -31,19 +31,26 @@ x_0 from 0.5 N(0, I) while the density assumes N(0, I) (here N(0, I) for both); 
 best-of-32 action (here at policy samples, the ones the TD target uses).
 
 Choices the paper leaves open, with the reason:
-- Times: r ~ U[r_min, 1 - r_min] (the code's r_min = 1e-3, where the posterior is defined) and t = r for a
-  fraction ``flow_matching_fraction`` of the pairs (plain flow matching: u(x, tau, tau) = v is the field the
-  entropy estimator integrates), else t = 1 (``end_time: one``), the only interval acting uses: the two families
-  the policy needs, each trained directly. ``end_time: uniform`` draws (r, t) as a sorted uniform pair instead
-  (MeanFlow's general intervals). Measured on a Gaussian target with its exact velocity as the tangent, 1600
-  updates of batch 256: the one-step variance is within 7 % with t = 1 and 36 % under with uniform pairs.
+- Times: r ~ U[r_min, 1 - r_min] and t = r for a fraction ``flow_matching_fraction`` (1/2) of the pairs (plain
+  flow matching: u(x, tau, tau) = v is the field the entropy estimator integrates), else t = 1 (``end_time: one``),
+  the only interval acting uses: the two families the policy needs, each trained directly. ``end_time: uniform``
+  draws (r, t) as a sorted uniform pair instead (MeanFlow's general intervals). Measured on a Gaussian target with
+  its exact velocity as the tangent, 1600 updates of batch 256: the one-step variance is within 7 % with t = 1 and
+  36 % under with uniform pairs.
+- r_min = 0.05, not the code's 1e-3: without a box to confine them, the candidates spread as (1 - r) / r and the
+  self-normalised target's noise grows with it (for a target of std 0.22 and K = 64: std 0.5 at r = 0.05, 2.8 at
+  r = 0.01), and those few pairs dominated the regression; u(x, 0, 1) extrapolates over [0, 0.05].
+- K: the self-normalised estimate is biased towards the proposal where the candidates and pi+ overlap little
+  (points x far from pi+'s paths, which replay actions of older policies produce); the bias flattens the learned
+  field's contraction and widens the policy. On the LQR the fitted slope dv/dx at r = 0.4 is -1.07, -1.22, -1.26
+  for K = 64, 256, 1024 against -1.29 exactly, and the learned Sigma is 27 % too wide with K = 256, 4 % with 1024
+  (lqr-flame.yaml uses 1024). The default K = 100 is the low end of the code's 100 to 500, for CPU learners.
 - Truncated candidates are drawn by the inverse CDF in float64, with bounds in the upper tail mirrored to the lower
   one and the standardised bounds clipped at +-37, so that a posterior far outside the box puts its candidates
   on the nearest face instead of underflowing.
 - The replay action is mapped into normalised coordinates (and into the box); the candidates, not the replay
   action, carry the learning signal.
-- ``learner/weight_ess`` is the weights' effective sample size over K (as in ISFM-SAC); the default K = 100 is the
-  low end of the code's 100 to 500, for CPU learners.
+- ``learner/weight_ess`` is the weights' effective sample size over K (as in ISFM-SAC).
 """
 
 from __future__ import annotations

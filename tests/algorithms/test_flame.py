@@ -8,7 +8,10 @@ targets against the posterior of a Gaussian (or box-truncated Gaussian) target.
 """
 
 import copy
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from softflow.algorithms.flame import FLAMEConfig, posterior_candidates, truncat
 from softflow.algorithms.meanflow import MeanFlowNetwork, MeanFlowPolicy, meanflow_target
 from softflow.algorithms.squash import Squash
 from softflow.deploy.config import load_experiment
+from test_fixed_energy import ALPHA, WEIGHTS, FixedEnergy, exact_samples, mmd2, mode_weights
 
 M = torch.tensor([0.8, -0.3], dtype=torch.float64)
 S = torch.tensor([0.5, 1.5], dtype=torch.float64)
@@ -229,3 +233,42 @@ def test_every_shipped_flame_experiment_loads(path):
 def test_flame_experiments_cover_mujoco_kitchen_the_pendulum_and_the_lqr():
     assert {"halfcheetah-flame.yaml", "inverted-pendulum-flame.yaml", "lqr-flame.yaml",
             "kitchen-4task-flame.yaml"} <= {p.name for p in EXPERIMENTS}
+
+
+@pytest.mark.slow
+def test_policy_improvement_reaches_the_boltzmann_policy_of_a_fixed_mixture_energy():
+    """ALGORITHMS.md check 2 with the mixture of test_fixed_energy.py: repeated FLAME improvement steps against the
+    fixed Q = alpha log p_mixture, the replay actions being the policy's own samples; the one-step policy's MMD to
+    exact samples must fall below 10 % of the initial N(0, I)'s and each mode must hold its weight within 0.06."""
+    config = FLAMEConfig(hidden=[64, 64], alpha=ALPHA, autotune_alpha=False, batch_size=256, num_candidates=256,
+                         policy_lr=2e-3, lr_final_fraction=0.05)
+    torch.manual_seed(0)
+    algorithm = make_algorithm(config, 1, np.full(2, -np.inf), np.full(2, np.inf))
+    algorithm.critic = FixedEnergy()
+    obs, steps = torch.zeros(256, 1), 1500
+    for i in range(steps):
+        algorithm.set_progress(i / steps)
+        with torch.no_grad():
+            sample = algorithm.policy.sample(obs, 1)
+        sample.log_prob = torch.zeros(256, 1)
+        loss, _, _ = algorithm.policy_loss({"obs": obs, "actions": sample.action[:, 0]}, sample)
+        algorithm.policy_optimizer.zero_grad()
+        loss.backward()
+        algorithm.policy_optimizer.step()
+    with torch.no_grad():
+        samples = algorithm.policy.sample(torch.zeros(1, 1), 4000).action[0]
+    generator = torch.Generator().manual_seed(1)
+    reference, start = exact_samples(4000, generator), torch.randn(4000, 2, generator=generator)
+    initial, final = mmd2(reference, start), mmd2(reference, samples)
+    assert final < 0.1 * initial, (final, initial)
+    assert torch.allclose(mode_weights(samples), WEIGHTS, atol=0.06), mode_weights(samples)
+
+
+@pytest.mark.slow
+def test_lqr_flame_reaches_the_soft_optimum(tmp_path):
+    """The shipped lqr-flame.yaml through ``softflow train``: rel_err_K <= 0.05 and rel_err_Sigma <= 0.15."""
+    experiment = Path(__file__).resolve().parents[2] / "cluster" / "experiments" / "lqr-flame.yaml"
+    subprocess.run([str(Path(sys.executable).with_name("softflow")), "train", str(experiment), "--run-dir",
+                    str(tmp_path), "--no-progress"], check=True, timeout=1800)
+    report = json.loads((tmp_path / "lqr.json").read_text())
+    assert report["rel_err_K"] <= 0.05 and report["rel_err_Sigma"] <= 0.15, report
