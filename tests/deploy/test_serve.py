@@ -109,14 +109,25 @@ def test_info_and_health_describe_the_checkpoint(run_dir, client):
 
 
 def test_concurrent_calls_share_policy_calls_and_each_gets_its_own_rows(run_dir, server):
+    """Deterministic calls batched together get their own rows; seeded calls among them still get exactly what
+    load_policy gives under their seed."""
     policy = softflow.load_policy(run_dir)
     batcher = server.batcher
     calls_before, served_before = batcher.policy_calls, batcher.queries_served
-    requests = [observations(1 + i % 3, seed=100 + i) for i in range(48)]
+    requests = [(observations(1 + i % 3, seed=100 + i), i if i % 8 == 0 else None) for i in range(48)]
+
+    def ask(request):
+        obs, seed = request
+        return client.act(obs, seed=seed) if seed is not None else client.act(obs, deterministic=True)
+
     with PolicyClient(server.address) as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda obs: client.act(obs, deterministic=True), requests))
-    for obs, answer in zip(requests, answers):
-        np.testing.assert_allclose(answer, policy.algorithm.act(obs, False, 1), rtol=0, atol=1e-6)
+        answers = list(pool.map(ask, requests))
+    for (obs, seed), answer in zip(requests, answers):
+        if seed is None:
+            np.testing.assert_allclose(answer, policy.algorithm.act(obs, False, 1), rtol=0, atol=1e-6)
+        else:
+            torch.manual_seed(seed)
+            np.testing.assert_array_equal(answer, policy.act(obs))
     calls = batcher.policy_calls - calls_before
     assert batcher.queries_served - served_before == len(requests)
     assert calls < len(requests), f"{len(requests)} concurrent requests took {calls} policy calls"
