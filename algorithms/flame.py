@@ -120,6 +120,8 @@ class FLAME(SoftActorCritic):
         if config.target_entropy is None:
             config = config.model_copy(update={"target_entropy": config.target_entropy_per_dim * len(action_low)})
         super().__init__(config, obs_dim, action_low, action_high, device)
+        self._low, self._high = np.asarray(action_low, np.float32), np.asarray(action_high, np.float32)
+        self._noise_scale = self.policy.box.scale.cpu().numpy()  # normalised units -> action units
 
     def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> MeanFlowPolicy:
         c = self.config
@@ -163,7 +165,5 @@ class FLAME(SoftActorCritic):
         std = self.config.exploration_scale * self.alpha
         if not explore or std == 0:
             return actions
-        box = self.policy.box
-        center, scale = box.center.cpu().numpy(), box.scale.cpu().numpy()
-        y = (actions - center) / scale + std * np.random.standard_normal(actions.shape).astype(np.float32)
-        return center + scale * (np.clip(y, -1.0, 1.0) if box.bounded else y)
+        noisy = actions + self._noise_scale * (std * np.random.standard_normal(actions.shape)).astype(np.float32)
+        return np.clip(noisy, self._low, self._high)

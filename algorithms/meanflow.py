@@ -84,6 +84,12 @@ class MeanFlowNetwork(nn.Module):
         """Average velocity over [r, t] (both (B, 1)) from x (B, d) at time r, states obs (B, o)."""
         return self.field(x, r, self.conditioning(t, obs))
 
+    def from_zero_to_one(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """u(x, 0, 1, s), the one-step velocity: ``forward`` with the constant features [emb(0), emb(1)] built once
+        per call (acting latency is FLAME's point)."""
+        times = self.field.time(torch.tensor([[0.0], [1.0]], dtype=x.dtype, device=x.device)).reshape(1, -1)
+        return self.field.net(torch.cat([x, times.expand(x.shape[0], -1), obs], dim=-1))
+
     def instantaneous(self, x: torch.Tensor, tau: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """v(x, tau, s) = u(x, tau, tau, s)."""
         return self(x, tau, tau, obs)
@@ -119,8 +125,7 @@ class MeanFlowPolicy(nn.Module):
 
     def one_step(self, x0: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """x_1 = x_0 + u(x_0, 0, 1, s) in normalised coordinates."""
-        zero = x0.new_zeros(x0.shape[0], 1)
-        return x0 + self.network(x0, zero, zero + 1, obs)
+        return x0 + self.network.from_zero_to_one(x0, obs)
 
     def latent_log_prob(self, obs: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         """log p(x_1 | s) by the reverse K_e-step solve (3), shape (n,)."""

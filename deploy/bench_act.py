@@ -57,7 +57,7 @@ def ten_step_flow_config():
     return ISFMConfig(flow={"steps": 10, "integrator": "euler"})
 
 
-def bench_act(candidates: int = 32, repeats: int = 7, calls: int = 20, threads: int = 1, quick: bool = False) -> dict:
+def bench_act(candidates: int = 32, repeats: int = 7, calls: int = 50, threads: int = 1, quick: bool = False) -> dict:
     """Times every algorithm's ``act`` at each batch size; returns one JSON-ready dict. ``quick``: 1 repeat of 2
     calls, no warm-up (for tests)."""
     if quick:
