@@ -50,6 +50,16 @@ def observations(rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 0.1, (rows, OBS_DIM)).astype(np.float32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a busy 2-core machine threads that wait for each
+    other make training and inference several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return train_tiny_run(tmp_path_factory.mktemp("serve-run"))

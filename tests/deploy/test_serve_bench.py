@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_serve import train_tiny_run
+from test_serve import one_torch_thread, train_tiny_run  # noqa: F401 (an autouse fixture)
 
 from softflow.deploy.bench_serve import bench_serve
 from softflow.deploy.config import ConfigError

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_serve import OBS_DIM, train_tiny_run
+from test_serve import OBS_DIM, one_torch_thread, train_tiny_run  # noqa: F401 (an autouse fixture)
 
 import softflow
 from softflow.deploy import PolicyClient
