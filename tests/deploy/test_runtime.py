@@ -195,7 +195,7 @@ def test_the_kitchen_fmer_experiment_runs_end_to_end_with_task_metrics(tmp_path)
     completed = [row["train/tasks_completed"] for row in rows if "train/tasks_completed" in row]
     assert completed and all(value == 0.0 for value in completed)
     assert summary["eval/tasks_completed"] == 0.0 and summary["eval/success_rate"] == 0.0
-    assert summary["eval/episode_length"] == 50.0 and "learner/weight_ess" in rows[-1]
+    assert summary["eval/episode_length"] == 50.0 and any("learner/weight_ess" in row for row in rows)
 
 
 def test_a_config_the_cluster_cannot_place_fails_fast(tmp_path):
