@@ -132,6 +132,16 @@ class SoftActorCritic(Algorithm):
     def alpha(self) -> float:
         return self.temperature.value if self.entropy_regularised else 0.0
 
+    def reparameterised_policy_loss(self, batch: dict[str, torch.Tensor]
+                                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """SAC's actor loss E_s[alpha log pi(a|s) - min_i Q_i(s, a)] through a reparameterised sample a at the
+        batch's states (Gaussian SAC; SAC Flow through its K-step rollout)."""
+        obs = batch["obs"]
+        sample = self.policy.sample(obs, with_log_prob=True)
+        q = self.critic.min_q(obs, sample.action)
+        loss = (self.temperature.value * sample.log_prob - q).mean()
+        return loss, -sample.log_prob.detach().mean(), {}
+
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         alpha = self.alpha
         with torch.no_grad():

@@ -34,8 +34,4 @@ class SAC(SoftActorCritic):
 
     def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        obs = batch["obs"]
-        sample = self.policy.sample(obs, with_log_prob=True)
-        q = self.critic.min_q(obs, sample.action)
-        loss = (self.temperature.value * sample.log_prob - q).mean()
-        return loss, -sample.log_prob.detach().mean(), {}
+        return self.reparameterised_policy_loss(batch)

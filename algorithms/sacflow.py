@@ -156,11 +156,7 @@ class SACFlow(SoftActorCritic):
     def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(actor): alpha log p_c - min Q at the batch's states, through the K-step rollout."""
-        obs = batch["obs"]
-        sample = self.policy.sample(obs, with_log_prob=True)
-        q = self.critic.min_q(obs, sample.action)
-        loss = (self.temperature.value * sample.log_prob - q).mean()
-        return loss, -sample.log_prob.detach().mean(), {}
+        return self.reparameterised_policy_loss(batch)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.grad_norms.clear()
