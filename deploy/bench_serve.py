@@ -7,7 +7,8 @@
    and are completion callbacks of grpc's own client, the cheapest Python load generator measured here: on 2
    cores it takes CPU from the server it measures. Reported: p50 and p99 latency, requests per second, the
    server's CPU time per request (steadier than throughput on a shared machine), and batched over unbatched
-   throughput at each level (the issue's target: >= 4 at 64 clients).
+   throughput at each level (the issue's target: >= 4 at 64 clients). Then the transport's ceiling: the batched
+   server's ``Info`` calls (no parsing, no inference) under the largest client count, over unbatched ``Act``.
 2. Fuzz: ``fuzz`` requests to the batched server, 16 in flight: random bytes, random shapes and dtypes, NaN and
    inf, wrong widths, mutated valid requests, oversized messages and batches, random candidates and seeds, and
    valid requests between them. Reported: the count of each status, that the server process is alive and answers
@@ -36,7 +37,8 @@ import numpy as np
 
 from softflow.deploy.config import ConfigError, load_experiment
 from softflow.deploy.policies import checkpoint_path
-from softflow.deploy.proto import ACT_METHOD, ActRequest, InfoRequest, PolicyServiceStub, Tensor, to_tensor
+from softflow.deploy.proto import (ACT_METHOD, INFO_METHOD, ActRequest, InfoRequest, PolicyServiceStub, Tensor,
+                                   to_tensor)
 
 TRAIN_OVERRIDES = ["actors.count=0", "total_env_steps=500", "learner.learning_starts=250", "eval.episodes=0",
                    "wandb.mode=disabled"]
@@ -71,6 +73,12 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
                     rows[mode] = {"mode": mode, "clients": n, **closed_loop(server, n, connections, seconds)}
                     load.append(rows[mode])
                 ratios[str(n)] = rows["batched"]["requests_per_s"] / rows["unbatched"]["requests_per_s"]
+            top = max(levels)
+            ceiling = closed_loop(batched, top, connections, seconds, method=INFO_METHOD)
+            unbatched_top = next(row for row in load if row["mode"] == "unbatched" and row["clients"] == top)
+            ceiling = {"clients": top, "info_requests_per_s": ceiling["requests_per_s"],
+                       "server_cpu_ms_per_request": ceiling["server_cpu_ms_per_request"],
+                       "over_unbatched_act": ceiling["requests_per_s"] / unbatched_top["requests_per_s"]}
             fuzzed = run_fuzz(batched, fuzz) if fuzz else None
     return {
         "benchmark": "serve", "source": str(source), "overrides": overrides,
@@ -80,7 +88,7 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
                    "connections": connections, "rows_per_request": 1,
                    "max_batch_rows": info.max_batch_rows, "max_batch_wait_ms": info.max_batch_wait_ms,
                    "server_torch_threads": 1},
-        "load": load, "batched_over_unbatched_throughput": ratios, "fuzz": fuzzed,
+        "load": load, "batched_over_unbatched_throughput": ratios, "transport_ceiling": ceiling, "fuzz": fuzzed,
     }
 
 
@@ -143,16 +151,18 @@ class ServerProcess:
         return float("nan")
 
 
-def closed_loop(server: "ServerProcess", clients: int, connections: int, seconds: float) -> dict:
-    """``clients`` clients over ``connections`` channels, each sending one batch-1 request after the other (the
-    next from the completion callback of the last), for a warm-up and ``seconds``; latency percentiles, throughput
-    and the server's CPU time per request over the last ``seconds``."""
+def closed_loop(server: "ServerProcess", clients: int, connections: int, seconds: float,
+                method: str = ACT_METHOD) -> dict:
+    """``clients`` clients over ``connections`` channels, each sending one batch-1 ``Act`` request (or an empty
+    ``Info`` request, ``method=INFO_METHOD``) after the other (the next from the completion callback of the last),
+    for a warm-up and ``seconds``; latency percentiles, throughput and the server's CPU time per request over the
+    last ``seconds``."""
     rng = np.random.default_rng(0)
     obs_dim = server.info.observation_space.shape[0]
-    requests = [ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))
-                .SerializeToString() for _ in range(clients)]
+    requests = [(ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))
+                 if method == ACT_METHOD else InfoRequest()).SerializeToString() for _ in range(clients)]
     channels = [grpc.insecure_channel(server.address) for _ in range(min(clients, connections))]
-    acts = [channel.unary_unary(ACT_METHOD) for channel in channels]  # bytes in and out: no client-side parsing
+    acts = [channel.unary_unary(method) for channel in channels]  # bytes in and out: no client-side parsing
     lock, finished, running = threading.Lock(), threading.Event(), [clients]
     done: list[tuple[float, float]] = []
     errors: dict[str, int] = {}

@@ -26,6 +26,10 @@ def test_smoke_bench_serve_reports_load_and_fuzz(tmp_path):
     for n in (1, 4):
         ratio = rows[("batched", n)]["requests_per_s"] / rows[("unbatched", n)]["requests_per_s"]
         assert math.isclose(report["batched_over_unbatched_throughput"][str(n)], ratio)
+    ceiling = report["transport_ceiling"]
+    assert ceiling["clients"] == 4 and ceiling["info_requests_per_s"] > 0
+    assert math.isclose(ceiling["over_unbatched_act"],
+                        ceiling["info_requests_per_s"] / rows[("unbatched", 4)]["requests_per_s"])
     fuzz = report["fuzz"]
     assert fuzz["requests"] == sum(fuzz["statuses"].values()) == 200 and fuzz["unexpected_statuses"] == {}
     assert fuzz["server_alive"] and fuzz["valid_request_answered_after"]
