@@ -250,15 +250,17 @@ def test_flame_experiments_cover_mujoco_kitchen_the_pendulum_and_the_lqr():
 
 @pytest.mark.slow
 def test_policy_improvement_reaches_the_boltzmann_policy_of_a_fixed_mixture_energy():
-    """ALGORITHMS.md check 2 with the mixture of test_fixed_energy.py: repeated FLAME improvement steps against the
-    fixed Q = alpha log p_mixture, the replay actions being the policy's own samples; the one-step policy's MMD to
-    exact samples must fall below 10 % of the initial N(0, I)'s and each mode must hold its weight within 0.06."""
-    config = FLAMEConfig(hidden=[64, 64], alpha=ALPHA, autotune_alpha=False, batch_size=256, num_candidates=256,
+    """ALGORITHMS.md check 2 with the mixture and the bounds of test_fixed_energy.py: repeated FLAME improvement steps
+    against the fixed Q = alpha log p_mixture, the replay actions being the policy's own samples; the one-step
+    policy's MMD to exact samples must fall below 3.5 % of the initial N(0, I)'s and each mode must hold its weight
+    within 0.03. K = 1024 posterior candidates: with 256 the self-normalised weights, drawn from posteriors as wide
+    as (1 - r) / r = 19 at r = 0.05, leave the heaviest mode 0.03 to 0.05 short of its 0.4."""
+    config = FLAMEConfig(hidden=[128, 128], alpha=ALPHA, autotune_alpha=False, batch_size=256, num_candidates=1024,
                          policy_lr=2e-3, lr_final_fraction=0.05)
     torch.manual_seed(0)
     algorithm = make_algorithm(config, 1, np.full(2, -np.inf), np.full(2, np.inf))
     algorithm.critic = FixedEnergy()
-    obs, steps = torch.zeros(256, 1), 1500
+    obs, steps = torch.zeros(256, 1), 3000
     for i in range(steps):
         algorithm.set_progress(i / steps)
         with torch.no_grad():
@@ -273,8 +275,8 @@ def test_policy_improvement_reaches_the_boltzmann_policy_of_a_fixed_mixture_ener
     generator = torch.Generator().manual_seed(1)
     reference, start = exact_samples(4000, generator), torch.randn(4000, 2, generator=generator)
     initial, final = mmd2(reference, start), mmd2(reference, samples)
-    assert final < 0.1 * initial, (final, initial)
-    assert torch.allclose(mode_weights(samples), WEIGHTS, atol=0.06), mode_weights(samples)
+    assert final < 0.035 * initial, (final, initial)
+    assert torch.allclose(mode_weights(samples), WEIGHTS, atol=0.03), mode_weights(samples)
 
 
 @pytest.mark.slow
