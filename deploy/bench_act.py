@@ -4,7 +4,7 @@ Each algorithm (default configs) acts as the rollout actors do, ``algorithm.act(
 N policy samples per state scored by min(Q1, Q2), the best executed (FLAME adds its exploration noise). The problem
 has Ant-v5's sizes (105-dim observations, 8-dim actions in [-1, 1]), the paper's latency benchmark (FLAME,
 arXiv 2602.01606: batch 1, 32 particles). Compared: Gaussian SAC, FLAME (one MeanFlow step), the 10-step flow of
-FMER (ISFM-SAC with 10 Euler steps stands in while "fmer" is not registered) and SAC Flow (Flow-G, K = 4), at
+FMER (its default: 10 Euler steps) and SAC Flow (Flow-G, K = 4), at
 batch 1 (one environment) and batch 64, with ``torch.set_num_threads(threads)`` (1, as in the rollout actors).
 
 Figures: median wall time per call over ``repeats`` timed blocks of ``calls`` calls after a warm-up, the blocks of
@@ -23,9 +23,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from softflow.algorithms import ALGORITHMS, make_algorithm
+from softflow.algorithms import make_algorithm
 from softflow.algorithms.flame import FLAMEConfig
-from softflow.algorithms.isfm import ISFMConfig
+from softflow.algorithms.fmer import FMERConfig
 from softflow.algorithms.sac import SACConfig
 from softflow.algorithms.sacflow import SACFlowConfig
 from softflow.deploy.config import ConfigError
@@ -50,13 +50,6 @@ def round_robin_ms(calls_of: dict, repeats: int, calls: int, warmup: int) -> dic
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
-def ten_step_flow_config():
-    """FMER's default config (10 Euler steps) when registered, else ISFM-SAC with 10 Euler steps."""
-    if "fmer" in ALGORITHMS:
-        return ALGORITHMS["fmer"].Config()
-    return ISFMConfig(flow={"steps": 10, "integrator": "euler"})
-
-
 def bench_act(candidates: int = 32, repeats: int = 7, calls: int = 50, threads: int = 1, quick: bool = False) -> dict:
     """Times every algorithm's ``act`` at each batch size; returns one JSON-ready dict. ``quick``: 1 repeat of 2
     calls, no warm-up (for tests)."""
@@ -67,7 +60,7 @@ def bench_act(candidates: int = 32, repeats: int = 7, calls: int = 50, threads: 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     low, high = -np.ones(ACT_DIM, dtype=np.float32), np.ones(ACT_DIM, dtype=np.float32)
-    ten_step = ten_step_flow_config()
+    ten_step = FMERConfig()
     configs = {"sac": SACConfig(), "flame": FLAMEConfig(), ten_step.name: ten_step, "sacflow": SACFlowConfig()}
     rng = np.random.default_rng(0)
     calls_of: dict[tuple[str, int], Callable[[], object]] = {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softflow.actors.envs import GymEnvConfig, make_env
-from softflow.actors.multigoal import ENV_ID, GOALS, MultiGoalEnv, goal_headings
+from softflow.actors.multigoal import ENV_ID, GOALS, MultiGoalEnv, goal_headings, soft_optimal_headings
 from softflow.algorithms import make_algorithm
 from softflow.algorithms.fmer import FMERConfig
 from softflow.algorithms.sac import SACConfig
@@ -66,3 +66,24 @@ def test_report_writes_the_picture_and_the_coverage(config, tmp_path):
     assert coverage["heading_fraction"] == pytest.approx(sum(coverage["goal_fractions"]))
     assert 0.15 < coverage["heading_fraction"] < 0.5 and min(coverage["goal_fractions"]) > 0.02
     json.dumps(coverage)
+
+
+def test_soft_optimal_policy_without_a_future_is_the_boltzmann_policy_of_the_reward():
+    """gamma = 0: pi*(a|0) is proportional to exp(r(0, a) / alpha), computed here directly on a fine action grid."""
+    alpha = 1.0
+    grid = np.linspace(-1, 1, 401)
+    actions = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    reward = -(30 * (actions**2).sum(1) + np.linalg.norm(actions[:, None] - GOALS, axis=2).min(1))
+    p = np.exp((reward - reward.max()) / alpha)
+    rng = np.random.default_rng(1)
+    drawn = actions[rng.choice(len(p), 40000, p=p / p.sum())]
+    expected = goal_headings(drawn)
+    got = soft_optimal_headings(alpha, gamma=0.0, spacing=1.0, action_points=81, samples=40000)
+    assert np.allclose(got, expected, atol=0.01), (got, expected)
+
+
+def test_soft_optimal_policy_at_the_origin_heads_evenly_for_the_four_goals():
+    """Soft value iteration: the four goals are equally likely (the grids are symmetric), and most of the
+    soft-optimal policy at alpha 1 heads for one of them (0.80 at this resolution)."""
+    headings = soft_optimal_headings(1.0, spacing=0.25, action_points=31)
+    assert np.ptp(headings) < 0.02 and 0.72 < headings.sum() < 0.88, headings
