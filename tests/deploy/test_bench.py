@@ -65,7 +65,7 @@ def test_smoke_bench_runtime_prints_ratios_of_the_runtime_over_the_same_loops_al
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert (report["benchmark"], report["env"], report["algorithm"]) == ("runtime", "InvertedPendulum-v5", "isfm")
+    assert (report["benchmark"], report["env"], report["algorithm"]) == ("runtime", "InvertedPendulum-v5", "fmer")
     assert report["params"]["batch_size"] == 32
     for part, alone, inside in (("learner", "alone_updates_per_s", "runtime_updates_per_s"),
                                 ("actor", "alone_env_steps_per_s", "runtime_env_steps_per_s")):
