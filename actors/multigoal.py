@@ -47,12 +47,17 @@ class MultiGoalEnv(gymnasium.Env):
     def step(self, action: np.ndarray):
         action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         self.position = np.clip(self.position + action, -self.bound, self.bound)
-        distances = np.linalg.norm(GOALS - self.position, axis=1)
-        reached = bool(distances.min() < self.goal_radius)
-        reward = -(self.actuation_cost * float(action @ action) + self.distance_cost * float(distances.min()))
-        reward += self.goal_reward * reached
-        info = {"goal": int(distances.argmin()) if reached else -1}
-        return self.position.astype(np.float32), reward, reached, False, info
+        reward, reached = self.reward(self.position, action)
+        info = {"goal": int(np.linalg.norm(GOALS - self.position, axis=1).argmin()) if reached else -1}
+        return self.position.astype(np.float32), float(reward), bool(reached), False, info
+
+    def reward(self, landed: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The reward of ``action`` (..., 2) that took the point to ``landed`` (..., 2), and whether it reached a
+        goal: -(actuation_cost |a|^2 + distance_cost min_g |s' - g|) + goal_reward on reaching one."""
+        distance = np.linalg.norm(landed[..., None, :] - GOALS, axis=-1).min(-1)
+        reached = distance < self.goal_radius
+        cost = self.actuation_cost * (action**2).sum(-1) + self.distance_cost * distance
+        return self.goal_reward * reached - cost, reached
 
 
 def goal_headings(actions: np.ndarray) -> np.ndarray:
@@ -71,37 +76,42 @@ def soft_optimal_headings(alpha: float, gamma: float = 0.99, spacing: float = 0.
 
     Soft value iteration V(s) = alpha log integral exp(Q(s, a) / alpha) da, Q(s, a) = r(s, a) + gamma V(s') (0 after
     a goal), on a grid of the plane ``spacing`` apart with V bilinear in between, over ``action_points`` squared
-    actions on the box (an odd number), until V moves by less than ``tolerance``; goals end episodes within about ten steps from
-    anywhere, so a few dozen sweeps suffice. The 30-step limit is not modelled (the learners bootstrap through it).
-    The metric is taken on ``samples`` draws from the action grid, spread uniformly within their cells."""
+    actions on the box (an odd number), until V moves by less than ``tolerance``; goals end episodes within about
+    ten steps from anywhere, so a few dozen sweeps suffice. The 30-step limit is not modelled (the learners
+    bootstrap through it). The metric is taken on ``samples`` draws from the action grid, spread uniformly within
+    their cells."""
     env = MultiGoalEnv(**env_kwargs)
     half = round(env.bound / spacing)  # grids symmetric to the bit, so that goals' boundary ties fall alike
     axis = spacing * np.arange(-half, half + 1)
-    states = torch.tensor(np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2))
     grid = np.arange(-(action_points // 2), action_points // 2 + 1) / (action_points // 2)
-    actions = torch.tensor(np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2))
+    actions = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
     cell = grid[1] - grid[0]
-    goals = torch.tensor(GOALS)
 
-    def q_values(from_states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        landed = (from_states[:, None] + actions[None]).clamp(-env.bound, env.bound)
-        distance = torch.cdist(landed, goals.expand(len(landed), -1, -1)).min(-1).values
-        reached = distance < env.goal_radius
-        reward = -env.actuation_cost * actions.pow(2).sum(-1) - env.distance_cost * distance + env.goal_reward * reached
-        where = (landed / (spacing * half)).flip(-1)[None]  # grid_sample's (x, y) are (column, row)
+    def transitions(states: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per (state, action): the reward, 0 where a goal ends the episode else 1, and where s' lies on V's grid in
+        grid_sample's coordinates ((x, y) are (column, row))."""
+        landed = np.clip(states[:, None] + actions, -env.bound, env.bound)
+        reward, reached = env.reward(landed, actions)
+        where = torch.from_numpy(landed / (spacing * half)).flip(-1)[None]
+        return torch.from_numpy(reward), torch.from_numpy(~reached), where
+
+    def q_values(transition: tuple[torch.Tensor, torch.Tensor, torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        reward, continues, where = transition
         next_values = torch.nn.functional.grid_sample(values[None, None], where, align_corners=True)[0, 0]
-        return reward + gamma * next_values * ~reached
+        return reward + gamma * next_values * continues
 
+    states = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    grid_transitions = transitions(states)  # the same in every sweep: only V changes
     values = torch.zeros(len(axis), len(axis), dtype=torch.float64)
     while True:
-        q = torch.cat([q_values(chunk, values) for chunk in states.split(2048)])
+        q = q_values(grid_transitions, values)
         updated = (alpha * torch.logsumexp(q / alpha + 2 * np.log(cell), dim=1)).reshape(values.shape)
         change, values = float((updated - values).abs().max()), updated
         if change < tolerance:
             break
-    probabilities = torch.softmax(q_values(torch.zeros(1, 2, dtype=torch.float64), values)[0] / alpha, 0).numpy()
+    probabilities = torch.softmax(q_values(transitions(np.zeros((1, 2))), values)[0] / alpha, 0).numpy()
     rng = np.random.default_rng(0)
-    drawn = actions.numpy()[rng.choice(len(probabilities), samples, p=probabilities)]
+    drawn = actions[rng.choice(len(probabilities), samples, p=probabilities)]
     return goal_headings(drawn + rng.uniform(-cell / 2, cell / 2, drawn.shape))
 
 

@@ -74,11 +74,11 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
                     load.append(rows[mode])
                 ratios[str(n)] = rows["batched"]["requests_per_s"] / rows["unbatched"]["requests_per_s"]
             top = max(levels)
-            ceiling = closed_loop(batched, top, connections, seconds, method=INFO_METHOD)
+            info_load = closed_loop(batched, top, connections, seconds, method=INFO_METHOD)
             unbatched_top = next(row for row in load if row["mode"] == "unbatched" and row["clients"] == top)
-            ceiling = {"clients": top, "info_requests_per_s": ceiling["requests_per_s"],
-                       "server_cpu_ms_per_request": ceiling["server_cpu_ms_per_request"],
-                       "over_unbatched_act": ceiling["requests_per_s"] / unbatched_top["requests_per_s"]}
+            ceiling = {"clients": top, "info_requests_per_s": info_load["requests_per_s"],
+                       "server_cpu_ms_per_request": info_load["server_cpu_ms_per_request"],
+                       "over_unbatched_act": info_load["requests_per_s"] / unbatched_top["requests_per_s"]}
             fuzzed = run_fuzz(batched, fuzz) if fuzz else None
     return {
         "benchmark": "serve", "source": str(source), "overrides": overrides,
