@@ -1,11 +1,12 @@
 """Flow policies: a velocity field integrated from Gaussian noise to an action, with log-densities.
 
 Conventions (ALGORITHMS.md, "Common ground"): time t runs from noise (t=0) to action (t=1);
-x_0 ~ N(0, I) in R^d; dx/dt = v_theta(x, t, s) is solved with K fixed steps (Euler or midpoint); the action is
-``Squash(x_1)`` (tanh rescaled to the bounds, or the identity for an unbounded Box).
+x_0 ~ N(0, sigma_0^2 I) in R^d (sigma_0 = ``base_std``, 1 by default); dx/dt = v_theta(x, t, s) is solved with K
+fixed steps (Euler or midpoint); the action is ``Squash(x_1)`` (tanh rescaled to the bounds, or the identity for an
+unbounded Box).
 
 Log-density of the map actually sampled. Each integrator step is a map x_{k+1} = f_k(x_k), so
-    log p(x_K | s) = log N(x_0; 0, I) - sum_k log |det df_k/dx (x_k)|                                  (exact)
+    log p(x_K | s) = log N(x_0; 0, sigma_0^2 I) - sum_k log |det df_k/dx (x_k)|                        (exact)
 For Euler, df_k/dx = I + dt J_v(x_k, t_k, s). With d = 1..17 the per-step Jacobian is affordable: each velocity
 field gives J_v with its forward pass (``VelocityField.forward_and_jacobian``: generically d batched vector-Jacobian
 products with ``torch.func``; the MLP in closed form, forward-mode). For large d the Hutchinson option replaces
@@ -13,6 +14,11 @@ log|det df_k/dx| by the
 first-order term of its expansion, tr(df_k/dx - I) ~ dt tr(J_v), estimated with one Rademacher probe eps as
 eps^T (df_k/dx - I) eps: the instantaneous change of variables, log p(x_1) = log N(x_0) - int_0^1 tr(dv/dx) dt,
 integrated with the solver's own quadrature (FFJORD's estimator). The squashing correction is added by ``Squash``.
+
+Base width. A target much narrower than the noise (four lobes of std 0.1 in the multi-goal task against N(0, I)) is
+slow to fit by flow matching: the velocity field must contract space tenfold and split it four ways. With
+sigma_0 = 0.5, plain flow matching on exact samples of those lobes reaches 0.81 of samples heading for a goal
+(exact: 0.92) in 400 steps at lr 1e-2, where sigma_0 = 1 is still at 0.49 (README, "The multi-goal task").
 
 Guard. A learned Euler step can fold space: det(I + dt J) crosses zero, most often at the last step of a narrow
 policy, whose step maps x_t to the predicted endpoint and legitimately contracts almost to a point. At a fold the
@@ -106,7 +112,7 @@ class MLPVelocity(VelocityField):
 
 
 class FlowPolicy(nn.Module):
-    """A velocity field, a fixed-step ODE solver and a squashing map: pi(a|s) as a pushforward of N(0, I)."""
+    """A velocity field, a fixed-step ODE solver and a squashing map: pi(a|s) as a pushforward of N(0, base_std^2 I)."""
 
     def __init__(
         self,
@@ -115,14 +121,22 @@ class FlowPolicy(nn.Module):
         steps: int = 10,
         integrator: Integrator = "euler",
         log_prob_method: LogProbMethod = "exact",
+        base_std: float = 1.0,
     ):
         super().__init__()
+        if base_std <= 0:
+            raise ValueError(f"base_std must be positive, got {base_std}")
         self.velocity = velocity
         self.squash = squash
         self.steps = steps
         self.integrator = integrator
         self.log_prob_method = log_prob_method
+        self.base_std = base_std
         self.act_dim = velocity.act_dim
+
+    def base_log_prob(self, x0: torch.Tensor) -> torch.Tensor:
+        """log N(x_0; 0, base_std^2 I), summed over the last dimension."""
+        return standard_normal_log_prob(x0 / self.base_std) - x0.shape[-1] * math.log(self.base_std)
 
     def step(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """One solver step from time t (shape (B, 1)) to t + 1/K."""
@@ -162,13 +176,15 @@ class FlowPolicy(nn.Module):
         """Samples actions for a batch of states.
 
         obs: (B, o). With ``num_samples=N`` the result has leading shape (B, N), else (B,). ``noise`` replaces the
-        draw of x_0 (same shape as the latent), e.g. zeros for deterministic acting.
+        draw of x_0 (same shape as the latent, not rescaled by ``base_std``), e.g. zeros for deterministic acting.
         """
         batch = obs.shape[0]
         n = num_samples or 1
         flat_obs = obs.repeat_interleave(n, dim=0) if n > 1 else obs
         x = draw_base_noise(obs, batch * n, self.act_dim, noise)
-        log_prob = standard_normal_log_prob(x) if with_log_prob else None
+        if noise is None:
+            x = self.base_std * x
+        log_prob = self.base_log_prob(x) if with_log_prob else None
         for k in range(self.steps):
             t = torch.full((batch * n, 1), k / self.steps, device=obs.device, dtype=obs.dtype)
             if with_log_prob:
@@ -194,9 +210,9 @@ class FlowPolicy(nn.Module):
         """Weighted conditional flow matching on the straight path, towards latents ``targets`` x_1^j (B, M, d)
         with weights w_j (B, M) at states ``obs`` (B, o):
             L = mean_s sum_j w_j || v(x_t, t, s) - (x_1^j - x_0) ||^2,   x_t = (1 - t) x_0 + t x_1^j,
-        with a fresh x_0 ~ N(0, I) and t ~ U[0, 1] for every pair. No gradient flows through the solver."""
+        with a fresh x_0 ~ N(0, base_std^2 I) and t ~ U[0, 1] for every pair. No gradient flows through the solver."""
         batch, m, d = targets.shape
-        x0 = torch.randn_like(targets)
+        x0 = self.base_std * torch.randn_like(targets)
         t = torch.rand(batch, m, 1, device=targets.device, dtype=targets.dtype)
         xt = (1 - t) * x0 + t * targets
         v = self.velocity(xt.reshape(-1, d), t.reshape(-1, 1), obs.repeat_interleave(m, dim=0))
@@ -211,6 +227,8 @@ class FlowConfig(BaseModel):
     hidden: list[int] = Field([256, 256], min_length=1, description="velocity MLP widths")
     time_dim: int = Field(32, ge=2, description="size of the time embedding (even)")
     steps: int = Field(10, ge=1, description="ODE solver steps K")
+    base_std: float = Field(1.0, gt=0, description="sigma_0 of the base noise N(0, sigma_0^2 I); below 1 for targets "
+                                                   "much narrower than N(0, I) (module docstring)")
     integrator: Literal["euler", "midpoint"] = "euler"
     log_prob: Literal["exact", "hutchinson"] = Field("exact", description="per-step Jacobian log-det or estimate")
     velocity: Literal["mlp", "gated", "decoded"] = Field(
@@ -234,4 +252,4 @@ def make_velocity(config: FlowConfig, obs_dim: int, act_dim: int) -> VelocityFie
 
 def make_flow_policy(config: FlowConfig, obs_dim: int, act_dim: int, squash: Squash) -> FlowPolicy:
     return FlowPolicy(make_velocity(config, obs_dim, act_dim), squash, config.steps, config.integrator,
-                      config.log_prob)
+                      config.log_prob, config.base_std)

@@ -130,9 +130,11 @@ class SACFlowConfig(AlgorithmConfig):
 
     @field_validator("flow")
     @classmethod
-    def _euler_only(cls, flow: FlowConfig) -> FlowConfig:
+    def _euler_from_standard_noise(cls, flow: FlowConfig) -> FlowConfig:
         if flow.integrator != "euler":
             raise ValueError("SAC Flow's noise-augmented rollout is an Euler scheme; use integrator: euler")
+        if flow.base_std != 1.0:
+            raise ValueError("SAC Flow's path density starts from N(0, I); leave flow.base_std at 1")
         return flow
 
 

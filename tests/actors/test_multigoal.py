@@ -12,7 +12,7 @@ from softflow.actors.multigoal import ENV_ID, GOALS, MultiGoalEnv, goal_headings
 from softflow.algorithms import make_algorithm
 from softflow.algorithms.fmer import FMERConfig
 from softflow.algorithms.sac import SACConfig
-from softflow.deploy.reports import multigoal_report
+from softflow.deploy.reports import flow_paths, multigoal_report
 
 
 def test_reward_is_action_and_distance_cost_and_a_goal_ends_the_episode():
@@ -66,6 +66,17 @@ def test_report_writes_the_picture_and_the_coverage(config, tmp_path):
     assert coverage["heading_fraction"] == pytest.approx(sum(coverage["goal_fractions"]))
     assert 0.15 < coverage["heading_fraction"] < 0.5 and min(coverage["goal_fractions"]) > 0.02
     json.dumps(coverage)
+
+
+def test_drawn_ode_paths_start_from_the_policys_own_base_noise():
+    torch.manual_seed(0)
+    config = FMERConfig(flow={"hidden": [16, 16], "steps": 3, "base_std": 0.25}, critic={"hidden": [16, 16]})
+    policy = make_algorithm(config, 2, -np.ones(2), np.ones(2)).policy
+    with torch.no_grad():
+        paths = flow_paths(policy, torch.zeros(1, 2), 4000)
+    assert paths.shape == (4, 4000, 2)
+    assert np.arctanh(paths[0]).std(0) == pytest.approx([0.25, 0.25], rel=0.05)
+    assert np.allclose(paths[0], paths[-1])  # an untrained flow's velocity is zero: the action is the squashed noise
 
 
 def test_soft_optimal_policy_without_a_future_is_the_boltzmann_policy_of_the_reward():

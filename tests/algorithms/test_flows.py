@@ -30,8 +30,8 @@ class AffineVelocity(VelocityField):
         return x @ self.M.T + self.c + obs @ self.G.T
 
 
-def closed_form(velocity: AffineVelocity, steps: int, integrator: str, obs: torch.Tensor):
-    """Mean (B, d) and covariance (d, d) of x_K for the affine field."""
+def closed_form(velocity: AffineVelocity, steps: int, integrator: str, obs: torch.Tensor, base_std: float = 1.0):
+    """Mean (B, d) and covariance (d, d) of x_K for the affine field from x_0 ~ N(0, base_std^2 I)."""
     dt = 1.0 / steps
     M = velocity.M.detach().double()
     eye = torch.eye(D, dtype=torch.float64)
@@ -42,22 +42,23 @@ def closed_form(velocity: AffineVelocity, steps: int, integrator: str, obs: torc
     for _ in range(steps):
         mean = mean @ F.T + b
     FK = torch.linalg.matrix_power(F, steps)
-    return mean, FK @ FK.T
+    return mean, base_std**2 * FK @ FK.T
 
 
 def gaussian_log_prob(x, mean, cov):
     return torch.distributions.MultivariateNormal(mean, cov).log_prob(x.double())
 
 
-@pytest.mark.parametrize("integrator", ["euler", "midpoint"])
-def test_affine_flow_is_gaussian_samples_log_density_entropy(integrator):
+@pytest.mark.parametrize("integrator,base_std", [("euler", 1.0), ("midpoint", 1.0), ("euler", 0.5)])
+def test_affine_flow_is_gaussian_samples_log_density_entropy(integrator, base_std):
     torch.manual_seed(0)
     velocity = AffineVelocity()
-    policy = FlowPolicy(velocity, Squash([-math.inf] * D, [math.inf] * D), steps=4, integrator=integrator)
+    policy = FlowPolicy(velocity, Squash([-math.inf] * D, [math.inf] * D), steps=4, integrator=integrator,
+                        base_std=base_std)
     obs = torch.randn(1, OBS).repeat(20000, 1)
     with torch.no_grad():
         sample = policy.sample(obs, with_log_prob=True)
-    mean, cov = closed_form(velocity, 4, integrator, obs[:1])
+    mean, cov = closed_form(velocity, 4, integrator, obs[:1], base_std)
     x = sample.latent.double()
     assert torch.allclose(x.mean(0), mean[0], atol=0.03)
     assert torch.allclose(torch.cov(x.T), cov, rtol=0.05, atol=0.01)
@@ -66,6 +67,18 @@ def test_affine_flow_is_gaussian_samples_log_density_entropy(integrator):
     entropy = 0.5 * torch.logdet(2 * math.pi * math.e * cov)
     assert abs(float(-sample.log_prob.mean()) - float(entropy)) < 0.03
     assert abs(float(policy.entropy(obs[:1], 20000)) - float(entropy)) < 0.03
+
+
+@pytest.mark.parametrize("base_std", [1.0, 0.5])
+def test_flow_matching_loss_draws_its_noise_from_the_base(base_std):
+    """With v = 0 (an untrained MLP's zero last layer) the loss is E||x_1 - x_0||^2 = ||x_1||^2 + d base_std^2."""
+    torch.manual_seed(0)
+    policy = FlowPolicy(MLPVelocity(OBS, D, [16]), Squash([-1.0] * D, [1.0] * D), base_std=base_std)
+    targets = torch.tensor([0.6, -0.8]).expand(64, 256, D)
+    weights = torch.full((64, 256), 1 / 256)
+    with torch.no_grad():
+        loss = policy.flow_matching_loss(torch.randn(64, OBS), targets, weights)
+    assert float(loss) == pytest.approx(1.0 + D * base_std**2, rel=0.01)
 
 
 def test_log_prob_is_the_density_of_the_actions_under_tanh_squashing():

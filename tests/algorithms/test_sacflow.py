@@ -205,6 +205,11 @@ def test_midpoint_is_rejected():
         SACFlowConfig(flow={"integrator": "midpoint"})
 
 
+def test_a_base_other_than_the_standard_normal_is_rejected():
+    with pytest.raises(ValueError, match="base_std"):
+        SACFlowConfig(flow={"base_std": 0.5})
+
+
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "cluster" / "experiments").glob("*sacflow*.yaml"))
 
 
