@@ -1,7 +1,8 @@
 """The 2D multi-goal task of Soft Q-learning (Haarnoja et al. 2017) and FMER's Figure 3: a point mass at the origin
 with four equally good goals, where a max-entropy policy should keep all four modes and a Gaussian commits to one.
 
-State: the position s in [-7, 7]^2, starting at N(0, 0.1^2 I). Action: a velocity a in [-1, 1]^2; s' = clip(s + a).
+State: the position s in [-7, 7]^2, starting at N(0, 0.1^2 I) (``init_std``; with ``origin_start_prob`` < 1,
+only that fraction of episodes starts there and the others at N(0, ``spread_std``^2 I)). Action: a velocity a in [-1, 1]^2; s' = clip(s + a).
 Reward: -(30 |a|^2 + min_g |s' - g|) per step, plus 10 on reaching a goal (|s' - g| < 1), which ends the episode;
 at most 30 steps. Goals at (5, 0), (0, 5), (-5, 0), (0, -5). These are the classic task's constants.
 
@@ -32,16 +33,21 @@ class MultiGoalEnv(gymnasium.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, actuation_cost: float = 30.0, distance_cost: float = 1.0, goal_reward: float = 10.0,
-                 goal_radius: float = 1.0, init_std: float = 0.1, bound: float = 7.0):
+                 goal_radius: float = 1.0, init_std: float = 0.1, bound: float = 7.0, origin_start_prob: float = 1.0,
+                 spread_std: float = 2.5):
+        if not 0 <= origin_start_prob <= 1:
+            raise ValueError(f"origin_start_prob must be in [0, 1], got {origin_start_prob}")
         self.actuation_cost, self.distance_cost, self.goal_reward = actuation_cost, distance_cost, goal_reward
         self.goal_radius, self.init_std, self.bound = goal_radius, init_std, bound
+        self.origin_start_prob, self.spread_std = origin_start_prob, spread_std
         self.observation_space = spaces.Box(-bound, bound, (2,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.position = np.zeros(2)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self.position = np.clip(self.init_std * self.np_random.standard_normal(2), -self.bound, self.bound)
+        std = self.init_std if self.np_random.random() < self.origin_start_prob else self.spread_std
+        self.position = np.clip(std * self.np_random.standard_normal(2), -self.bound, self.bound)
         return self.position.astype(np.float32), {}
 
     def step(self, action: np.ndarray):

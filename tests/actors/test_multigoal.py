@@ -33,6 +33,17 @@ def test_reward_is_action_and_distance_cost_and_a_goal_ends_the_episode():
     assert distance > 1
 
 
+def test_starts_mix_the_origin_and_the_spread_in_the_given_proportion():
+    env = MultiGoalEnv(init_std=0.1, origin_start_prob=0.25, spread_std=2.5)
+    starts = np.array([env.reset(seed=seed)[0] for seed in range(4000)])
+    near_origin = np.linalg.norm(starts, axis=1) < 0.5  # P(|N(0, 0.1^2 I)| < 0.5) ~ 1; P(|N(0, 2.5^2 I)| < 0.5) = 0.02
+    assert near_origin.mean() == pytest.approx(0.25 + 0.75 * 0.0198, abs=0.02)
+    assert starts[~near_origin].std() == pytest.approx(2.5, rel=0.05)
+    assert np.linalg.norm([MultiGoalEnv().reset(seed=s)[0] for s in range(200)], axis=1).max() < 0.5  # the classic
+    with pytest.raises(ValueError, match="origin_start_prob"):
+        MultiGoalEnv(origin_start_prob=1.5)
+
+
 def test_registered_with_a_30_step_limit():
     env = make_env(GymEnvConfig(id=ENV_ID))
     env.reset(seed=1)
