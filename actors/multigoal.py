@@ -2,9 +2,10 @@
 with four equally good goals, where a max-entropy policy should keep all four modes and a Gaussian commits to one.
 
 State: the position s in [-7, 7]^2, starting at N(0, 0.1^2 I) (``init_std``; with ``origin_start_prob`` < 1,
-only that fraction of episodes starts there and the others at N(0, ``spread_std``^2 I)). Action: a velocity a in [-1, 1]^2; s' = clip(s + a).
-Reward: -(30 |a|^2 + min_g |s' - g|) per step, plus 10 on reaching a goal (|s' - g| < 1), which ends the episode;
-at most 30 steps. Goals at (5, 0), (0, 5), (-5, 0), (0, -5). These are the classic task's constants.
+only that fraction of episodes starts there and the others at N(0, ``spread_std``^2 I)). Action: a velocity a in
+[-1, 1]^2; s' = clip(s + a). Reward: -(30 |a|^2 + min_g |s' - g|) per step, plus 10 on reaching a goal
+(|s' - g| < 1), which ends the episode; at most 30 steps. Goals at (5, 0), (0, 5), (-5, 0), (0, -5). These are the
+classic task's constants.
 
 ``goal_headings`` is the mode-coverage metric: the fraction of policy samples at the origin heading towards each
 goal, "heading" meaning within 22.5 degrees of the goal's direction (so a uniform spread of directions heads for
