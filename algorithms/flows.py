@@ -221,7 +221,7 @@ class FlowPolicy(nn.Module):
 
 
 class FlowConfig(BaseModel):
-    """The flow policy: a velocity field (an MLP by default) with a sinusoidal time embedding, solved with fixed steps."""
+    """The flow policy: a velocity field (an MLP by default) with a sinusoidal time embedding, solved in fixed steps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     hidden: list[int] = Field([256, 256], min_length=1, description="velocity MLP widths")
