@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,17 @@ def tiny_sweep(tmp_path_factory):
     sweep_dir = cwd / "scaling"
     result = softflow_sweep([str(ACTOR_SCALING), *TINY, "--sweep-dir", str(sweep_dir)], cwd, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in without_ray_teardown_noise(result.stderr), result.stderr
     return sweep_dir, result.stdout
+
+
+def without_ray_teardown_noise(stderr: str) -> str:
+    """``stderr`` less the one traceback Ray itself prints now and then when Tune stops a finished trial's actor:
+    its SIGTERM handler raises SystemExit inside a garbage-collection callback ("Exception ignored in: ...
+    sigterm_handler ... SystemExit: 1", forwarded with the actor's "(run_trial pid=N)" prefix). Any other
+    traceback still fails the test."""
+    return re.sub(r"[^\n]*Exception ignored in: <function WeakSet[^\n]*\n(?:[^\n]*\(run_trial pid=\d+\)[^\n]*\n)*?"
+                  r"[^\n]*SystemExit: 1\n", "", stderr)
 
 
 def test_tiny_sweep_results_have_one_row_per_trial_with_the_swept_values(tiny_sweep):
