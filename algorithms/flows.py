@@ -134,6 +134,11 @@ class FlowPolicy(nn.Module):
         self.base_std = base_std
         self.act_dim = velocity.act_dim
 
+    def draw_base(self, obs: torch.Tensor, count: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_0 ~ N(0, base_std^2 I) of shape (count, d), or the given ``noise`` (not rescaled) reshaped to it."""
+        x = draw_base_noise(obs, count, self.act_dim, noise)
+        return self.base_std * x if noise is None else x
+
     def base_log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         """log N(x_0; 0, base_std^2 I), summed over the last dimension."""
         return standard_normal_log_prob(x0 / self.base_std) - x0.shape[-1] * math.log(self.base_std)
@@ -181,9 +186,7 @@ class FlowPolicy(nn.Module):
         batch = obs.shape[0]
         n = num_samples or 1
         flat_obs = obs.repeat_interleave(n, dim=0) if n > 1 else obs
-        x = draw_base_noise(obs, batch * n, self.act_dim, noise)
-        if noise is None:
-            x = self.base_std * x
+        x = self.draw_base(obs, batch * n, noise)
         log_prob = self.base_log_prob(x) if with_log_prob else None
         for k in range(self.steps):
             t = torch.full((batch * n, 1), k / self.steps, device=obs.device, dtype=obs.dtype)

@@ -4,8 +4,8 @@ Each algorithm (default configs) acts as the rollout actors do, ``algorithm.act(
 N policy samples per state scored by min(Q1, Q2), the best executed (FLAME adds its exploration noise). The problem
 has Ant-v5's sizes (105-dim observations, 8-dim actions in [-1, 1]), the paper's latency benchmark (FLAME,
 arXiv 2602.01606: batch 1, 32 particles). Compared: Gaussian SAC, FLAME (one MeanFlow step), the 10-step flow of
-FMER (its default: 10 Euler steps) and SAC Flow (Flow-G, K = 4), at
-batch 1 (one environment) and batch 64, with ``torch.set_num_threads(threads)`` (1, as in the rollout actors).
+FMER (its default: 10 Euler steps) and SAC Flow (Flow-G, K = 4), at batch 1 (one environment) and batch 64, with
+``torch.set_num_threads(threads)`` (1, as in the rollout actors).
 
 Figures: median wall time per call over ``repeats`` timed blocks of ``calls`` calls after a warm-up, the blocks of
 all algorithms and batches taken in turn within each repeat (round robin, so load changes hit all alike), ms per action
@@ -32,6 +32,7 @@ from softflow.deploy.config import ConfigError
 
 OBS_DIM, ACT_DIM = 105, 8
 BATCHES = (1, 64)
+TEN_STEP_FLOW = "fmer"  # the K-step flow FLAME's one step is compared with
 
 
 def round_robin_ms(calls_of: dict, repeats: int, calls: int, warmup: int) -> dict:
@@ -60,8 +61,7 @@ def bench_act(candidates: int = 32, repeats: int = 7, calls: int = 50, threads: 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     low, high = -np.ones(ACT_DIM, dtype=np.float32), np.ones(ACT_DIM, dtype=np.float32)
-    ten_step = FMERConfig()
-    configs = {"sac": SACConfig(), "flame": FLAMEConfig(), ten_step.name: ten_step, "sacflow": SACFlowConfig()}
+    configs = {"sac": SACConfig(), "flame": FLAMEConfig(), TEN_STEP_FLOW: FMERConfig(), "sacflow": SACFlowConfig()}
     rng = np.random.default_rng(0)
     calls_of: dict[tuple[str, int], Callable[[], object]] = {}
     steps_of: dict[str, int] = {}
@@ -79,14 +79,14 @@ def bench_act(candidates: int = 32, repeats: int = 7, calls: int = 50, threads: 
     for row in rows:
         row["over_sac"] = row["ms_per_call"] / by_key[("sac", row["batch"])]["ms_per_call"]
     flame_over_ten_step = {str(batch): by_key[("flame", batch)]["ms_per_call"]
-                           / by_key[(ten_step.name, batch)]["ms_per_call"] for batch in BATCHES}
+                           / by_key[(TEN_STEP_FLOW, batch)]["ms_per_call"] for batch in BATCHES}
     return {
         "benchmark": "act",
         "device": "cpu",
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "params": {"obs_dim": OBS_DIM, "act_dim": ACT_DIM, "candidates": candidates, "batches": list(BATCHES),
-                   "repeats": repeats, "calls_per_repeat": calls, "quick": quick, "ten_step_flow": ten_step.name},
+                   "repeats": repeats, "calls_per_repeat": calls, "quick": quick, "ten_step_flow": TEN_STEP_FLOW},
         "act": rows,
         "flame_over_ten_step_flow": flame_over_ten_step,
     }

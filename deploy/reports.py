@@ -102,7 +102,7 @@ def multigoal_report(algorithm: Algorithm, run_dir: Path, num_samples: int = 100
 def flow_paths(policy: FlowPolicy, obs: torch.Tensor, count: int) -> np.ndarray:
     """Actions along the solver's path for ``count`` noise draws at one state: shape (K + 1, count, d), the first
     row the squashed noise x_0 ~ N(0, base_std^2 I), the last the actions."""
-    x = policy.base_std * torch.randn(count, policy.act_dim)
+    x = policy.draw_base(obs, count)
     states = obs.expand(count, -1)
     path = [policy.squash(x)]
     for k in range(policy.steps):
