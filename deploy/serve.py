@@ -1,7 +1,6 @@
 """``softflow serve``: a trained policy answers action queries over gRPC (deploy/proto/policy_service.proto).
 
-One gRPC server (grpc's thread-pool server: on these machines it answers about twice the calls per second of
-grpc.aio's) runs:
+One gRPC server (grpc.aio's, on an event loop in a thread of its own) runs:
 
 - ``softflow.v1.PolicyService``: ``Act`` (observations in, best-of-N actions out, as ``softflow.load_policy(...)
   .act`` computes them) and ``Info``; and the standard health service ``grpc.health.v1.Health``.
@@ -11,13 +10,15 @@ grpc.aio's) runs:
   serving and swapped in between two batches, so no request is dropped or answered by half of each.
 
 Hostile input: each request is checked before it is queued (deploy/serve_policy.py says which status each fault
-gets); messages over ``max_message_bytes`` and calls beyond ``max_concurrent_rpcs`` get RESOURCE_EXHAUSTED from
-gRPC itself; calls without the right bearer token get UNAUTHENTICATED. Each refusal is one line naming what is
-wrong, and the server goes on.
+gets); messages over ``max_message_bytes`` get RESOURCE_EXHAUSTED from gRPC itself, and ``Act`` calls beyond
+``max_concurrent_rpcs`` in progress get it from the handler (grpc.aio's own limit would hold them back instead);
+calls without the right bearer token get UNAUTHENTICATED. Each refusal is one line naming what is wrong, and the
+server goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import hmac
@@ -38,8 +39,8 @@ from softflow.deploy.config import ConfigError
 from softflow.deploy.policies import checkpoint_path
 from softflow.deploy.proto import (AUTH_HEADER, SERVICE_NAME, ActResponse, InfoRequest, InfoResponse, Space,
                                    read_token, to_tensor)
-from softflow.deploy.serve_policy import (Batcher, CheckpointChanged, RequestError, file_signature, load_served,
-                                          parse_act_request)
+from softflow.deploy.serve_policy import (Batcher, CheckpointChanged, RequestError, ServerStopping, file_signature,
+                                          load_served, parse_act_request)
 
 log = logging.getLogger("softflow.serve")
 Status = grpc.StatusCode
@@ -56,7 +57,7 @@ class ServeOptions:
     tls_key: bytes | None = None
     batching: bool = True
     max_batch_rows: int = 256
-    max_batch_wait_ms: float = 1.0
+    max_batch_wait_ms: float = 5.0
     max_request_rows: int = 1024
     max_candidates: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
@@ -113,31 +114,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class BearerTokenAuth(grpc.ServerInterceptor):
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED for every call but health checks that lacks ``authorization: Bearer <token>``
     (compared in constant time)."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation, details):
+    async def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.health.v1.Health/"):
-            return continuation(details)
+            return await continuation(details)
         sent = dict(details.invocation_metadata or ()).get(AUTH_HEADER)
         if sent is not None and hmac.compare_digest(str(sent).encode(), self._expected):
-            return continuation(details)
+            return await continuation(details)
         message = ("no token: send the metadata 'authorization: Bearer <token>'" if sent is None
                    else "wrong token in the 'authorization' metadata")
-        return grpc.unary_unary_rpc_method_handler(lambda request, context: context.abort(Status.UNAUTHENTICATED,
-                                                                                          message))
+
+        async def refuse(request, context):
+            await context.abort(Status.UNAUTHENTICATED, message)
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 class PolicyServer:
     """The gRPC policy server for a run directory or checkpoint file: ``start`` (returns the port) and ``stop``,
     or ``with PolicyServer(path, options) as server: PolicyClient(server.address)``.
 
-    gRPC's thread pool runs the handlers (one thread per call in progress, up to ``max_concurrent_rpcs``); each
-    ``Act`` handler checks its request, queues it with the :class:`Batcher` and waits for its rows.
+    The server is grpc.aio's, on an event loop in its own thread: each call is a coroutine on that loop, and the
+    :class:`Batcher`'s task makes the policy calls there, so no thread is parked or woken per call (the thread-pool
+    server did both, and answered 2.1x its unbatched throughput at 64 clients where this one answers 3-4x).
     """
 
     def __init__(self, path: str | Path, options: ServeOptions):
@@ -148,6 +153,13 @@ class PolicyServer:
         self.port: int | None = None
         self.batcher = Batcher(lambda: self.served, options.batching, options.max_batch_rows,
                                options.max_batch_wait_ms)
+        self._calls = 0  # Act calls in progress, against max_concurrent_rpcs
+        self._started: concurrent.futures.Future = concurrent.futures.Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._grace = 2.0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="softflow-serve",
+                                        daemon=True)
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="softflow-reload", daemon=True)
 
@@ -157,45 +169,20 @@ class PolicyServer:
 
     def start(self) -> int:
         """Binds, starts serving, and returns the port (the one the OS chose for port 0)."""
-        o = self.options
-        self._health = health.HealthServicer()
-        self._server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(o.max_concurrent_rpcs, thread_name_prefix="softflow-rpc"),
-            interceptors=[BearerTokenAuth(o.token)] if o.token else [],
-            options=[("grpc.max_receive_message_length", o.max_message_bytes),
-                     ("grpc.max_send_message_length", o.max_message_bytes), ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=o.max_concurrent_rpcs)
-        # raw bytes in, parsed in the handler: a request that is not an ActRequest gets INVALID_ARGUMENT, not the
-        # INTERNAL that a failing generated deserializer would give
-        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Act": grpc.unary_unary_rpc_method_handler(self._act, response_serializer=ActResponse.SerializeToString),
-            "Info": grpc.unary_unary_rpc_method_handler(self._info, request_deserializer=InfoRequest.FromString,
-                                                        response_serializer=InfoResponse.SerializeToString)})])
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        address = host_port(o.host, o.port)
-        check_can_listen(o.host, o.port)
-        try:
-            if o.tls_cert is not None:
-                self.port = self._server.add_secure_port(
-                    address, grpc.ssl_server_credentials([(o.tls_key, o.tls_cert)]))
-            else:
-                self.port = self._server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {address}: {exc}") from None
-        self.batcher.start()
-        self._server.start()
-        for name in ("", SERVICE_NAME):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if o.reload_interval_s > 0:
+        check_can_listen(self.options.host, self.options.port)
+        self._thread.start()
+        self.port = self._started.result()  # or the ConfigError of a failed bind
+        if self.options.reload_interval_s > 0:
             self._watcher.start()
         return self.port
 
     def stop(self, grace: float = 2.0) -> None:
         """NOT_SERVING for health checks, ``grace`` seconds for calls in progress, then everything stops."""
-        self._health.enter_graceful_shutdown()
+        self._grace = grace
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_requested.set)
+        self._thread.join()
         self._stopping.set()
-        self._server.stop(grace).wait()
-        self.batcher.close()
         if self._watcher.is_alive():
             self._watcher.join()
 
@@ -206,24 +193,64 @@ class PolicyServer:
     def __exit__(self, *exc: Any) -> None:
         self.stop(0.5)
 
-    def _act(self, raw: bytes, context: grpc.ServicerContext) -> ActResponse:
+    async def _serve(self) -> None:
+        """The event loop's life: bind and start, serve until ``stop``, then shut down gracefully."""
+        o = self.options
+        self._loop, self._stop_requested = asyncio.get_running_loop(), asyncio.Event()
+        server = grpc.aio.server(
+            interceptors=[BearerTokenAuth(o.token)] if o.token else [],
+            options=[("grpc.max_receive_message_length", o.max_message_bytes),
+                     ("grpc.max_send_message_length", o.max_message_bytes), ("grpc.so_reuseport", 0)])
+        # raw bytes in, parsed in the handler: a request that is not an ActRequest gets INVALID_ARGUMENT, not the
+        # INTERNAL that a failing generated deserializer would give
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Act": grpc.unary_unary_rpc_method_handler(self._act, response_serializer=ActResponse.SerializeToString),
+            "Info": grpc.unary_unary_rpc_method_handler(self._info, request_deserializer=InfoRequest.FromString,
+                                                        response_serializer=InfoResponse.SerializeToString)})])
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        address = host_port(o.host, o.port)
+        try:
+            if o.tls_cert is not None:
+                port = server.add_secure_port(address, grpc.ssl_server_credentials([(o.tls_key, o.tls_cert)]))
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            self._started.set_exception(ConfigError(f"cannot listen on {address}: {exc}"))
+            return
+        await server.start()
+        batcher = asyncio.create_task(self.batcher.run())
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._started.set_result(port)
+        await self._stop_requested.wait()
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(self._grace)
+        batcher.cancel()
+        await asyncio.gather(batcher, return_exceptions=True)
+
+    async def _act(self, raw: bytes, context: grpc.aio.ServicerContext) -> ActResponse:
+        if self._calls >= self.options.max_concurrent_rpcs:
+            await context.abort(Status.RESOURCE_EXHAUSTED, f"{self._calls} Act calls in progress is this server's "
+                                                           f"limit (--max-concurrent-rpcs); retry later")
+        self._calls += 1
         try:
             query = parse_act_request(raw, self.served, self.options.max_request_rows, self.options.max_candidates)
+            actions, served = await self.batcher.submit(query)
         except RequestError as exc:
-            context.abort(exc.code, exc.message)
-        future = self.batcher.submit(query)
-        if not context.add_callback(future.cancel):  # the call ended (client gone, deadline) before it was queued
-            future.cancel()
-        try:
-            actions, served = future.result()
-        except concurrent.futures.CancelledError:
-            return ActResponse()  # nobody is listening
+            code, message = exc.code, exc.message
+        except ServerStopping as exc:
+            code, message = Status.UNAVAILABLE, str(exc)
         except Exception as exc:
-            context.abort(Status.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
-        return ActResponse(actions=to_tensor(actions), checkpoint_version=served.version,
-                           candidates=query.candidates)
+            code, message = Status.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}"
+        else:
+            return ActResponse(actions=to_tensor(actions), checkpoint_version=served.version,
+                               candidates=query.candidates)
+        finally:
+            self._calls -= 1
+        await context.abort(code, message)
 
-    def _info(self, request: InfoRequest, context: grpc.ServicerContext) -> InfoResponse:
+    async def _info(self, request: InfoRequest, context: grpc.aio.ServicerContext) -> InfoResponse:
         s, o = self.served, self.options
         return InfoResponse(
             env_id=s.env_id, algorithm=s.algorithm, observation_space=Space(shape=[s.obs_dim]),
@@ -276,12 +303,12 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument("--no-batching", action="store_true", help="one policy call per request (the baseline)")
     parser.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows, help="most rows per policy call")
     parser.add_argument("--max-batch-wait-ms", type=float, default=d.max_batch_wait_ms,
-                        help="longest wait for more requests once one is queued (0: batch only what is queued)")
+                        help="longest a batch stays open for more requests after its first (0: only what is queued)")
     parser.add_argument("--max-request-rows", type=int, default=d.max_request_rows, help="most rows per request")
     parser.add_argument("--max-candidates", type=int, default=d.max_candidates, help="most candidates per state")
     parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest request")
     parser.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
-                        help="calls in progress at once; more get RESOURCE_EXHAUSTED")
+                        help="Act calls in progress at once; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--reload-interval", type=float, default=d.reload_interval_s,
                         help="seconds between looks for a new checkpoint (0: never reload)")
     parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],

@@ -6,17 +6,16 @@
   status and a one-line reason: INVALID_ARGUMENT for malformed requests (not an ActRequest, a dtype other than
   float32/float64, a shape that is not (rows, obs_dim) or does not match the data, an empty batch, NaN or inf,
   deterministic with several candidates), RESOURCE_EXHAUSTED for well-formed ones over a limit (rows, candidates).
-- :class:`Batcher`: concurrent queries wait in one queue; its thread gathers up to ``max_rows`` rows, waiting at
-  most ``max_wait_ms`` after the first for more (when there has been more), makes one policy call per candidate
-  count, and hands each caller its rows. A seeded query is served alone, under its seed.
+- :class:`Batcher`: concurrent queries wait in one queue on the server's event loop; its task gathers up to
+  ``max_rows`` rows while new queries keep arriving (at most ``max_wait_ms`` after the first), makes one policy
+  call per candidate count, and hands each caller its rows. A seeded query is served alone, under its seed.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import dataclasses
 import logging
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -128,11 +127,11 @@ def parse_act_request(raw: bytes, served: ServedPolicy, max_rows: int, max_candi
     except ValueError as exc:
         raise RequestError(Status.INVALID_ARGUMENT, f"observations: {exc}") from None
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
-        obs = obs.astype(np.float32)
-    finite = np.isfinite(obs).all(axis=1)
-    if not finite.all():
-        raise RequestError(Status.INVALID_ARGUMENT, f"observation row {int(np.argmin(finite))} has NaN or inf "
-                                                    f"values (or float64 values beyond float32's range)")
+        obs = obs.astype(np.float32, copy=False)
+    if not np.isfinite(obs).all():
+        row = int(np.argmin(np.isfinite(obs).all(axis=1)))
+        raise RequestError(Status.INVALID_ARGUMENT, f"observation row {row} has NaN or inf values (or float64 "
+                                                    f"values beyond float32's range)")
     candidates = request.candidates or (1 if request.deterministic else served.policy.candidates)
     if request.deterministic and candidates != 1:
         raise RequestError(Status.INVALID_ARGUMENT, f"deterministic asks for the zero-noise action, one candidate; "
@@ -154,6 +153,9 @@ def infer(served: ServedPolicy, obs: np.ndarray, candidates: int, seed: int | No
         return served.policy.algorithm.act(obs, False, candidates)
 
 
+QUIET_ITERATIONS = 30  # loop turns without a new query that close a batch (see Batcher._gather)
+
+
 class ServerStopping(Exception):
     """The server stopped before this query's turn."""
 
@@ -161,17 +163,19 @@ class ServerStopping(Exception):
 @dataclasses.dataclass
 class _Job:
     query: ActQuery
-    future: concurrent.futures.Future
+    future: asyncio.Future
     queued_at: float
 
 
 class Batcher:
-    """Gathers concurrent queries into policy calls (see the module docstring) in its own thread.
+    """Gathers concurrent queries into policy calls (see the module docstring), on the server's event loop.
 
-    ``current`` returns the policy to serve the next batch with, so a reload takes effect between two batches.
-    Without ``batching`` every query is its own policy call (the unbatched baseline). A query whose future was
-    cancelled (its caller went away) before its turn is skipped. ``policy_calls`` and ``queries_served`` count
-    what it has done.
+    ``submit`` is awaited by each ``Act`` handler; ``run`` is the task that serves the queue. The policy call runs on
+    the loop itself: a batch is one call, and handing it to a thread only makes it contend with the loop for the GIL
+    (measured: no more answers per second, and a wider spread). ``current`` returns the policy to serve the next
+    batch with, so a reload takes effect between two batches. Without ``batching`` every query is its own policy
+    call (the unbatched baseline). A query whose caller went away (its handler task cancelled, which cancels the
+    future it awaits) before its turn is skipped. ``policy_calls`` and ``queries_served`` count what it has done.
     """
 
     def __init__(self, current: Callable[[], ServedPolicy], batching: bool, max_rows: int, max_wait_ms: float):
@@ -181,69 +185,67 @@ class Batcher:
         self._max_wait_s = max_wait_ms / 1e3
         self._jobs: deque[_Job] = deque()
         self._queued_rows = 0
-        self._concurrent = False  # did the last batch find company? Only then is waiting for more worth it
-        self._changed = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="softflow-batcher", daemon=True)
+        self._first_queued: asyncio.Future | None = None  # what the idle batcher waits on
         self.policy_calls = 0
         self.queries_served = 0
 
-    def start(self) -> None:
-        self._thread.start()
+    async def submit(self, query: ActQuery) -> tuple[np.ndarray, ServedPolicy]:
+        """(actions, the ServedPolicy that computed them) for ``query``, once its batch has been computed."""
+        job = _Job(query, asyncio.get_running_loop().create_future(), time.monotonic())
+        self._jobs.append(job)
+        self._queued_rows += len(query.obs)
+        if self._first_queued is not None and not self._first_queued.done():
+            self._first_queued.set_result(None)
+        return await job.future
 
-    def close(self) -> None:
-        """Stops after the batch in progress; queries still queued get :class:`ServerStopping`."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify()
-        self._thread.join()
-        for job in self._jobs:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ServerStopping("the server is stopping"))
+    async def run(self) -> None:
+        """Serves the queue until cancelled; the callers still queued then get :class:`ServerStopping`."""
+        try:
+            while True:
+                jobs = await self._gather()
+                served = self._current()
+                by_candidates: dict[int, list[_Job]] = {}
+                for job in jobs:
+                    if not job.future.done():  # done: cancelled, its caller went away
+                        by_candidates.setdefault(job.query.candidates, []).append(job)
+                for candidates, group in by_candidates.items():
+                    self._serve(served, candidates, group)
+                await asyncio.sleep(0)  # the loop delivers the answers, new calls and cancellations first
+        finally:
+            for job in self._jobs:
+                if not job.future.done():
+                    job.future.set_exception(ServerStopping("the server is stopping"))
 
-    def submit(self, query: ActQuery) -> concurrent.futures.Future:
-        """A future of (actions, the ServedPolicy that computed them); cancel it to drop the query."""
-        job = _Job(query, concurrent.futures.Future(), time.monotonic())
-        with self._changed:
-            self._jobs.append(job)
-            self._queued_rows += len(query.obs)
-            if len(self._jobs) == 1 or self._queued_rows >= self._max_rows:  # only then is the batcher waiting
-                self._changed.notify()
-        return job.future
+    async def _gather(self) -> list[_Job]:
+        """The next batch: the first query and, with batching, the queries behind it that fit in ``max_rows`` rows.
 
-    def _run(self) -> None:
-        while (jobs := self._gather()) is not None:
-            served = self._current()
-            by_candidates: dict[int, list[_Job]] = {}
-            for job in jobs:
-                if job.future.set_running_or_notify_cancel():  # False: cancelled, its caller went away
-                    by_candidates.setdefault(job.query.candidates, []).append(job)
-            for candidates, group in by_candidates.items():
-                self._serve(served, candidates, group)
-
-    def _gather(self) -> list[_Job] | None:
-        """The next batch (None once closed): the first query and, with batching, the queries behind it that fit
-        once ``max_rows`` rows are queued or ``max_wait`` after the first arrived. The wait is skipped while the
-        last batch was one query alone with none behind it: a lone caller is not kept waiting for company."""
-        with self._changed:
-            while not self._jobs and not self._closed:
-                self._changed.wait()
-            if self._closed:
-                return None
-            first = self._jobs[0]
-            if self._batching and first.query.seed is None and self._concurrent:
-                self._changed.wait_for(lambda: self._queued_rows >= self._max_rows or self._closed,
-                                       timeout=max(0.0, first.queued_at + self._max_wait_s - time.monotonic()))
-            jobs, rows = [self._jobs.popleft()], len(first.query.obs)
-            while self._batching and first.query.seed is None and self._jobs:
-                following = self._jobs[0].query
-                if following.seed is not None or rows + len(following.obs) > self._max_rows:
-                    break
-                jobs.append(self._jobs.popleft())
-                rows += len(following.obs)
-            self._queued_rows -= rows
-            self._concurrent = len(jobs) > 1 or bool(self._jobs)
-            return jobs
+        With batching, the batch stays open while the loop keeps handing over new queries: it closes after
+        ``QUIET_ITERATIONS`` turns of the loop without one (the calls that had reached the server are queued; a lone
+        caller waits only those turns, a fraction of a millisecond), at ``max_rows`` queued rows, or ``max_wait``
+        after its first query arrived. Measured on 2 cores at 64 clients: 10 turns close batches too early
+        (2.0-3.0x the unbatched throughput), 20-50 give 3.4-4.1x; a fixed wait of the whole ``max_wait`` does as well
+        at 64 clients but at 8 makes batching slower than none.
+        """
+        while not self._jobs:
+            self._first_queued = asyncio.get_running_loop().create_future()
+            await self._first_queued
+        first = self._jobs[0]
+        if self._batching and first.query.seed is None:
+            deadline = first.queued_at + self._max_wait_s
+            quiet = 0
+            while quiet < QUIET_ITERATIONS and self._queued_rows < self._max_rows and time.monotonic() < deadline:
+                queued = len(self._jobs)
+                await asyncio.sleep(0)
+                quiet = quiet + 1 if len(self._jobs) == queued else 0
+        jobs, rows = [self._jobs.popleft()], len(first.query.obs)
+        while self._batching and first.query.seed is None and self._jobs:
+            following = self._jobs[0].query
+            if following.seed is not None or rows + len(following.obs) > self._max_rows:
+                break
+            jobs.append(self._jobs.popleft())
+            rows += len(following.obs)
+        self._queued_rows -= rows
+        return jobs
 
     def _serve(self, served: ServedPolicy, candidates: int, group: list[_Job]) -> None:
         obs = np.concatenate([job.query.obs for job in group]) if len(group) > 1 else group[0].query.obs

@@ -8,6 +8,7 @@ the rest of softflow, so a robot or simulator can use the client with numpy and 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def from_tensor(tensor: Tensor) -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(n < 0 for n in shape):
         raise ValueError(f"shape {list(shape)} has a negative dimension")
-    needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    needed = math.prod(shape) * dtype.itemsize  # Python integers: a huge shape cannot overflow
     if needed != len(tensor.data):
         raise ValueError(f"shape {list(shape)} of {tensor.dtype} needs {needed} bytes of data but "
                          f"{len(tensor.data)} were sent")

@@ -226,7 +226,7 @@ def test_serve_and_act_commands(run_dir, tmp_path, capsys):
     try:
         line = server.stdout.readline()
         assert re.match(r"softflow: serving .*latest\.pt \(isfm on InvertedPendulum-v5, version 200, cpu; "
-                        r"plaintext, token required, batching up to 256 rows, 1 ms wait\) at 127\.0\.0\.1:\d+$",
+                        r"plaintext, token required, batching up to 256 rows, 5 ms wait\) at 127\.0\.0\.1:\d+$",
                         line.strip()), line
         address = line.split()[-1]
         obs = observations(1)[0]
