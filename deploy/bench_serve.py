@@ -2,12 +2,13 @@
 
 1. Load: ``softflow serve`` runs twice as real processes on loopback (one torch thread each, no reload), batched
    (the default flags) and with ``--no-batching``. For each number of concurrent clients (1, 8, 64 by default),
-   each server in turn gets ``seconds`` of closed-loop load after a warm-up: every client sends batch-1 ``Act``
-   requests one after the other. The clients share ``connections`` HTTP/2 connections (1 by default, as ghz does)
+   in ``rounds`` rounds, each server in turn gets ``seconds`` of closed-loop load after a warm-up: every client
+   sends batch-1 ``Act`` requests one after the other. The clients share ``connections`` HTTP/2 connections (1 by default, as ghz does)
    and are completion callbacks of grpc's own client, the cheapest Python load generator measured here: on 2
-   cores it takes CPU from the server it measures. Reported: p50 and p99 latency, requests per second, the
-   server's CPU time per request (steadier than throughput on a shared machine), and batched over unbatched
-   throughput at each level (the issue's target: >= 4 at 64 clients). Then the transport's ceiling: the batched
+   cores it takes CPU from the server it measures. Reported per round: p50 and p99 latency, requests per second,
+   the server's CPU time per request (steadier than throughput on a shared machine); their medians over rounds;
+   and batched over unbatched throughput at each level, the median of the rounds' ratios (the issue's target:
+   >= 4 at 64 clients). Then the transport's ceiling: the batched
    server's ``Info`` calls (no parsing, no inference) under the largest client count, over unbatched ``Act``.
 2. Fuzz: ``fuzz`` requests to the batched server, 16 in flight: random bytes, random shapes and dtypes, NaN and
    inf, wrong widths, mutated valid requests, oversized messages and batches, random candidates and seeds, and
@@ -47,16 +48,18 @@ FUZZ_IN_FLIGHT = 16
 RSS_SAMPLES = 10
 
 
-def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, clients: str = "1,8,64",
-                connections: int = 1, fuzz: int = 10_000, max_batch_wait_ms: float | None = None) -> dict:
+def bench_serve(source: str | Path, overrides: list[str], seconds: float = 3.0, clients: str = "1,8,64",
+                connections: int = 1, fuzz: int = 10_000, max_batch_wait_ms: float | None = None,
+                rounds: int = 3) -> dict:
     """Both measurements for ``source`` (an experiment file to train briefly, a run directory or a checkpoint);
     one JSON-ready dict."""
     try:
         levels = [int(n) for n in clients.split(",")]
     except ValueError:
         raise ConfigError(f"--clients must be comma-separated integers (got {clients!r})") from None
-    if seconds <= 0 or connections < 1 or fuzz < 0 or not levels or min(levels) < 1:
-        raise ConfigError("--seconds, --connections and every --clients level must be positive, --fuzz at least 0")
+    if seconds <= 0 or connections < 1 or rounds < 1 or fuzz < 0 or not levels or min(levels) < 1:
+        raise ConfigError("--seconds, --connections, --rounds and every --clients level must be positive, --fuzz "
+                          "at least 0")
     with tempfile.TemporaryDirectory(prefix="softflow-bench-serve-") as scratch:
         checkpoint = prepare_checkpoint(source, overrides, Path(scratch))
         batched_flags = [] if max_batch_wait_ms is None else ["--max-batch-wait-ms", str(max_batch_wait_ms)]
@@ -66,16 +69,19 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
             for server in (batched, plain):
                 server.wait_ready()
             info = batched.info
-            load, ratios = [], {}
+            load, by_round = [], {}
             for n in levels:
-                rows = {}
-                for mode, server in (("unbatched", plain), ("batched", batched)):
-                    rows[mode] = {"mode": mode, "clients": n, **closed_loop(server, n, connections, seconds)}
-                    load.append(rows[mode])
-                ratios[str(n)] = rows["batched"]["requests_per_s"] / rows["unbatched"]["requests_per_s"]
+                by_round[str(n)] = []
+                for round_ in range(rounds):  # alternating, so that a slow spell of the machine hits both modes
+                    rows = {mode: {"mode": mode, "clients": n, "round": round_,
+                                   **closed_loop(server, n, connections, seconds)}
+                            for mode, server in (("unbatched", plain), ("batched", batched))}
+                    load.extend(rows.values())
+                    by_round[str(n)].append(rows["batched"]["requests_per_s"] / rows["unbatched"]["requests_per_s"])
+            summary = summarise(load)
             top = max(levels)
             info_load = closed_loop(batched, top, connections, seconds, method=INFO_METHOD)
-            unbatched_top = next(row for row in load if row["mode"] == "unbatched" and row["clients"] == top)
+            unbatched_top = next(row for row in summary if row["mode"] == "unbatched" and row["clients"] == top)
             ceiling = {"clients": top, "info_requests_per_s": info_load["requests_per_s"],
                        "server_cpu_ms_per_request": info_load["server_cpu_ms_per_request"],
                        "over_unbatched_act": info_load["requests_per_s"] / unbatched_top["requests_per_s"]}
@@ -84,12 +90,26 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 5.0, 
         "benchmark": "serve", "source": str(source), "overrides": overrides,
         "env": info.env_id, "algorithm": info.algorithm, "candidates": info.default_candidates,
         "device": info.device, "cpus": os.cpu_count(),
-        "params": {"seconds": seconds, "warmup_s": min(WARMUP_S, seconds), "clients": levels,
+        "params": {"seconds": seconds, "warmup_s": min(WARMUP_S, seconds), "rounds": rounds, "clients": levels,
                    "connections": connections, "rows_per_request": 1,
                    "max_batch_rows": info.max_batch_rows, "max_batch_wait_ms": info.max_batch_wait_ms,
                    "server_torch_threads": 1},
-        "load": load, "batched_over_unbatched_throughput": ratios, "transport_ceiling": ceiling, "fuzz": fuzzed,
+        "summary": summary,
+        "batched_over_unbatched_throughput": {n: statistics.median(ratios) for n, ratios in by_round.items()},
+        "batched_over_unbatched_by_round": by_round,
+        "load": load, "transport_ceiling": ceiling, "fuzz": fuzzed,
     }
+
+
+def summarise(load: list[dict]) -> list[dict]:
+    """Per mode and client count, the median over rounds of each figure."""
+    keys = ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request")
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in load:
+        groups.setdefault((row["mode"], row["clients"]), []).append(row)
+    return [{"mode": mode, "clients": n, "requests": sum(row["requests"] for row in rows),
+             **{key: statistics.median(row[key] for row in rows) for key in keys}}
+            for (mode, n), rows in groups.items()]
 
 
 def prepare_checkpoint(source: str | Path, overrides: list[str], scratch: Path) -> Path:

@@ -6,7 +6,7 @@
     softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
     softflow bench runtime [EXPERIMENT.yaml [key=value ...]] [--seconds S]
     softflow bench rllib [--env ENV] [--seconds S] [--batch-size B] [--updates-per-step R]
-    softflow bench serve [EXPERIMENT.yaml | RUN_DIR | CHECKPOINT] [--seconds S] [--clients 1,8,64] [--fuzz N] [...]
+    softflow bench serve [EXPERIMENT.yaml | RUN_DIR | CHECKPOINT] [--seconds S] [--rounds R] [--clients 1,8,64] [--fuzz N] [...]
     softflow bench act [--candidates N] [--repeats N] [--quick]
     softflow bench gradients [--env ENV] [--env-steps N] [--batch-size B] [--plot PNG]
     softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
@@ -74,8 +74,9 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.what == "serve":
         from softflow.deploy.bench_serve import bench_serve
 
-        report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 5.0, clients=args.clients,
-                             connections=args.connections, fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms)
+        report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 3.0, clients=args.clients,
+                             connections=args.connections, fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms,
+                             rounds=args.rounds)
     elif args.what == "rllib":
         from softflow.deploy.bench_rllib import bench_rllib
 
@@ -154,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", help="runtime, serve: key=value overrides of the experiment")
     bench.add_argument("--seconds", type=float, default=None,
                        help="runtime: seconds per timed loop (default 10); rllib: seconds per library (default "
-                            "120); serve: seconds per load level (default 5)")
+                            "120); serve: seconds per round of each load level and mode (default 3)")
     bench.add_argument("--clients", default="1,8,64", help="serve only: concurrent clients per load level")
     bench.add_argument("--connections", type=int, default=1, help="serve only: connections the clients share")
+    bench.add_argument("--rounds", type=int, default=3, help="serve only: alternating rounds per load level")
     bench.add_argument("--fuzz", type=int, default=10_000, help="serve only: fuzzed requests (0: none)")
     bench.add_argument("--max-batch-wait-ms", type=float, default=None,
                        help="serve only: the batched server's wait (default: softflow serve's)")

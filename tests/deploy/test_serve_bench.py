@@ -14,22 +14,29 @@ from softflow.deploy.config import ConfigError
 
 
 def test_smoke_bench_serve_reports_load_and_fuzz(tmp_path):
-    report = bench_serve(train_tiny_run(tmp_path / "run"), [], seconds=0.3, clients="1,4", fuzz=200)
+    report = bench_serve(train_tiny_run(tmp_path / "run"), [], seconds=0.3, clients="1,4", fuzz=200, rounds=2)
     assert (report["env"], report["algorithm"], report["candidates"], report["device"]) == (
         "InvertedPendulum-v5", "isfm", 4, "cpu")
     assert report["params"]["clients"] == [1, 4] and report["params"]["connections"] == 1
-    rows = {(row["mode"], row["clients"]): row for row in report["load"]}
-    assert set(rows) == {(mode, n) for mode in ("batched", "unbatched") for n in (1, 4)}
+    rows = {(row["mode"], row["clients"], row["round"]): row for row in report["load"]}
+    assert set(rows) == {(mode, n, r) for mode in ("batched", "unbatched") for n in (1, 4) for r in (0, 1)}
     for row in rows.values():
         assert row["requests"] > 0 and row["errors"] == {}
         assert 0 < row["p50_ms"] <= row["p99_ms"] and math.isfinite(row["requests_per_s"])
+    summary = {(row["mode"], row["clients"]): row for row in report["summary"]}
     for n in (1, 4):
-        ratio = rows[("batched", n)]["requests_per_s"] / rows[("unbatched", n)]["requests_per_s"]
-        assert math.isclose(report["batched_over_unbatched_throughput"][str(n)], ratio)
+        ratios = [rows[("batched", n, r)]["requests_per_s"] / rows[("unbatched", n, r)]["requests_per_s"]
+                  for r in (0, 1)]
+        assert report["batched_over_unbatched_by_round"][str(n)] == ratios
+        assert math.isclose(report["batched_over_unbatched_throughput"][str(n)], sum(ratios) / 2)  # median of 2
+        for mode in ("batched", "unbatched"):
+            rates = [rows[(mode, n, r)]["requests_per_s"] for r in (0, 1)]
+            assert math.isclose(summary[(mode, n)]["requests_per_s"], sum(rates) / 2)
+            assert summary[(mode, n)]["requests"] == sum(rows[(mode, n, r)]["requests"] for r in (0, 1))
     ceiling = report["transport_ceiling"]
     assert ceiling["clients"] == 4 and ceiling["info_requests_per_s"] > 0
     assert math.isclose(ceiling["over_unbatched_act"],
-                        ceiling["info_requests_per_s"] / rows[("unbatched", 4)]["requests_per_s"])
+                        ceiling["info_requests_per_s"] / summary[("unbatched", 4)]["requests_per_s"])
     fuzz = report["fuzz"]
     assert fuzz["requests"] == sum(fuzz["statuses"].values()) == 200 and fuzz["unexpected_statuses"] == {}
     assert fuzz["server_alive"] and fuzz["valid_request_answered_after"]
@@ -38,7 +45,8 @@ def test_smoke_bench_serve_reports_load_and_fuzz(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"clients": "1,x"}, "--clients must be comma-separated integers"),
-    ({"clients": "0"}, "--seconds, --connections and every --clients level must be positive"),
+    ({"clients": "0"}, "--seconds, --connections, --rounds and every --clients level must be positive"),
+    ({"rounds": 0}, "--seconds, --connections, --rounds and every --clients level must be positive"),
     ({"fuzz": -1}, "--fuzz at least 0"),
 ])
 def test_bench_serve_bad_arguments(kwargs, message):
