@@ -3,13 +3,13 @@
 1. Load: ``softflow serve`` runs twice as real processes on loopback (one torch thread each, no reload), batched
    (the default flags) and with ``--no-batching``. For each number of concurrent clients (1, 8, 64 by default),
    in ``rounds`` rounds, each server in turn gets ``seconds`` of closed-loop load after a warm-up: every client
-   sends batch-1 ``Act`` requests one after the other. The clients share ``connections`` HTTP/2 connections (1 by default, as ghz does)
-   and are completion callbacks of grpc's own client, the cheapest Python load generator measured here: on 2
-   cores it takes CPU from the server it measures. Reported per round: p50 and p99 latency, requests per second,
-   the server's CPU time per request (steadier than throughput on a shared machine); their medians over rounds;
-   and batched over unbatched throughput at each level, the median of the rounds' ratios (the issue's target:
-   >= 4 at 64 clients). Then the transport's ceiling: the batched
-   server's ``Info`` calls (no parsing, no inference) under the largest client count, over unbatched ``Act``.
+   sends batch-1 ``Act`` requests one after the other. The clients share ``connections`` HTTP/2 connections (1 by
+   default, as ghz does) and are completion callbacks of grpc's own client, the cheapest Python load generator
+   measured here: on 2 cores it takes CPU from the server it measures. Reported per round: p50 and p99 latency,
+   requests per second, the server's CPU time per request (steadier than throughput on a shared machine); their
+   medians over rounds; and batched over unbatched throughput at each level, the median of the rounds' ratios
+   (the issue's target: >= 4 at 64 clients). Then the transport's ceiling: the batched server's ``Info`` calls
+   (no parsing, no inference) under the largest client count, over unbatched ``Act``.
 2. Fuzz: ``fuzz`` requests to the batched server, 16 in flight: random bytes, random shapes and dtypes, NaN and
    inf, wrong widths, mutated valid requests, oversized messages and batches, random candidates and seeds, and
    valid requests between them. Reported: the count of each status, that the server process is alive and answers

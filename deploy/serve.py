@@ -142,7 +142,8 @@ class PolicyServer:
 
     The server is grpc.aio's, on an event loop in its own thread: each call is a coroutine on that loop, and the
     :class:`Batcher`'s task makes the policy calls there, so no thread is parked or woken per call (the thread-pool
-    server did both, and answered 2.1x its unbatched throughput at 64 clients where this one answers 3-4x).
+    server did both, and answered 2.1x its unbatched throughput at 64 clients where this one answers about 4x;
+    README, "Serving").
     """
 
     def __init__(self, path: str | Path, options: ServeOptions):
@@ -158,8 +159,7 @@ class PolicyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._grace = 2.0
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="softflow-serve",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="softflow-serve", daemon=True)
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="softflow-reload", daemon=True)
 
@@ -179,9 +179,9 @@ class PolicyServer:
     def stop(self, grace: float = 2.0) -> None:
         """NOT_SERVING for health checks, ``grace`` seconds for calls in progress, then everything stops."""
         self._grace = grace
-        if self._loop is not None:
+        if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop_requested.set)
-        self._thread.join()
+            self._thread.join()
         self._stopping.set()
         if self._watcher.is_alive():
             self._watcher.join()
@@ -192,6 +192,15 @@ class PolicyServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop(0.5)
+
+    def _run_loop(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # before start() has its port, it raises this; after, the log has it
+            if not self._started.done():
+                self._started.set_exception(exc)
+            else:
+                log.exception("the server's event loop failed")
 
     async def _serve(self) -> None:
         """The event loop's life: bind and start, serve until ``stop``, then shut down gracefully."""
