@@ -27,6 +27,8 @@ import logging
 import os
 import signal
 import socket
+import ssl
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,8 @@ class ServeOptions:
             raise ConfigError("--max-batch-wait-ms and --reload-interval cannot be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("give both --tls-cert and --tls-key, or neither")
+        if self.tls_cert is not None:
+            check_tls_pair(self.tls_cert, self.tls_key)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible here; use auto or cpu")
         if self.token is None and not is_loopback(self.host):
@@ -86,6 +90,21 @@ class ServeOptions:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+def check_tls_pair(cert: bytes, key: bytes) -> None:
+    """ConfigError when the PEM certificate (chain) and private key do not load as a pair; gRPC would only log its
+    reason and fail to bind."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="softflow-tls-") as folder:  # ssl loads files only; 0700, removed after
+        cert_file, key_file = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        cert_file.write_bytes(cert)
+        key_file.write_bytes(key)
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except ssl.SSLError:
+            raise ConfigError("--tls-cert and --tls-key do not load as a PEM certificate and its private key: is "
+                              "each a PEM file, and is the key the certificate's?") from None
 
 
 def host_port(host: str, port: int) -> str:

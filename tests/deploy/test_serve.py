@@ -261,6 +261,8 @@ def taken_port():
     (["serve", "no/such/run"], "no checkpoint at no/such/run: give a run directory"),
     (["serve", "RUN", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: give --token-file"),
     (["serve", "RUN", "--tls-cert", "RUN/config.yaml"], "give both --tls-cert and --tls-key, or neither"),
+    (["serve", "RUN", "--tls-cert", "RUN/config.yaml", "--tls-key", "RUN/config.yaml"],
+     "--tls-cert and --tls-key do not load as a PEM certificate and its private key"),
     (["serve", "RUN", "--token-file", "no/such/token"], "cannot read the token file no/such/token"),
     (["serve", "RUN", "--max-batch-rows", "0"], "--max-batch-rows must be at least 1 (got 0)"),
     (["act", "--obs", "[1, 2"], "--obs is not a JSON list of numbers"),
