@@ -3,9 +3,10 @@
 1. Load: ``softflow serve`` runs twice as real processes on loopback (one torch thread each, no reload), batched
    (the default flags) and with ``--no-batching``. For each number of concurrent clients (1, 8, 64 by default),
    in ``rounds`` rounds, each server in turn gets ``seconds`` of closed-loop load after a warm-up: every client
-   sends batch-1 ``Act`` requests one after the other. The clients share ``connections`` HTTP/2 connections (1 by
-   default, as ghz does) and are completion callbacks of grpc's own client, the cheapest Python load generator
-   measured here: on 2 cores it takes CPU from the server it measures. Reported per round: p50 and p99 latency,
+   sends batch-1 ``Act`` requests one after the other. The clients are h2load's streams (nghttp2's HTTP/2 load
+   generator, written in C): ``clients`` streams over ``connections`` connections (1 by default, as ghz does).
+   A Python load generator (grpc's own client, completion callbacks) took 0.1-0.2 ms of CPU per call from the 2
+   cores it measured, which held the batches at 64 clients to 26 requests. Reported per round: p50 and p99 latency,
    requests per second, the server's CPU time per request (steadier than throughput on a shared machine); their
    medians over rounds; and batched over unbatched throughput at each level, the median of the rounds' ratios
    (the issue's target: >= 4 at 64 clients). Then the transport's ceiling: the batched server's ``Info`` calls
@@ -25,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -60,6 +63,10 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 3.0, 
     if seconds <= 0 or connections < 1 or rounds < 1 or fuzz < 0 or not levels or min(levels) < 1:
         raise ConfigError("--seconds, --connections, --rounds and every --clients level must be positive, --fuzz "
                           "at least 0")
+    if any(n % connections for n in levels):
+        raise ConfigError(f"every --clients level must be a multiple of --connections ({connections}): the clients "
+                          f"are spread evenly over the connections")
+    require_h2load()
     with tempfile.TemporaryDirectory(prefix="softflow-bench-serve-") as scratch:
         checkpoint = prepare_checkpoint(source, overrides, Path(scratch))
         batched_flags = [] if max_batch_wait_ms is None else ["--max-batch-wait-ms", str(max_batch_wait_ms)]
@@ -91,6 +98,8 @@ def bench_serve(source: str | Path, overrides: list[str], seconds: float = 3.0, 
         "env": info.env_id, "algorithm": info.algorithm, "candidates": info.default_candidates,
         "device": info.device, "cpus": os.cpu_count(),
         "params": {"seconds": seconds, "warmup_s": min(WARMUP_S, seconds), "rounds": rounds, "clients": levels,
+                   "load_generator": subprocess.run([require_h2load(), "--version"], capture_output=True,
+                                                    text=True).stdout.strip(),
                    "connections": connections, "rows_per_request": 1,
                    "max_batch_rows": info.max_batch_rows, "max_batch_wait_ms": info.max_batch_wait_ms,
                    "server_torch_threads": 1},
@@ -171,58 +180,58 @@ class ServerProcess:
         return float("nan")
 
 
+def require_h2load() -> str:
+    """The path of h2load; ConfigError with the install command when it is missing."""
+    path = shutil.which("h2load")
+    if path is None:
+        raise ConfigError("bench serve drives the servers with h2load, nghttp2's HTTP/2 load generator (in C, so that "
+                          "it takes little of the CPU it measures): install it, e.g. apt-get install nghttp2-client")
+    return path
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A message as a gRPC body: uncompressed flag, big-endian length, bytes."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
 def closed_loop(server: "ServerProcess", clients: int, connections: int, seconds: float,
                 method: str = ACT_METHOD) -> dict:
-    """``clients`` clients over ``connections`` channels, each sending one batch-1 ``Act`` request (or an empty
-    ``Info`` request, ``method=INFO_METHOD``) after the other (the next from the completion callback of the last),
-    for a warm-up and ``seconds``; latency percentiles, throughput and the server's CPU time per request over the
-    last ``seconds``."""
-    rng = np.random.default_rng(0)
+    """h2load's closed loop: ``clients`` concurrent streams over ``connections`` connections, each sending the next
+    batch-1 ``Act`` request (or an empty ``Info`` request, ``method=INFO_METHOD``) when its last is answered, for a
+    warm-up run and then ``seconds``; latency percentiles (h2load's per-request log), throughput and the server's
+    CPU time per request over the measured run. h2load sees HTTP statuses only, so the answers are checked by size:
+    an OK answer carries the response message (its size is that of an answer fetched first), a refusal none; when
+    that first answer is itself refused, every call is counted under its status."""
     obs_dim = server.info.observation_space.shape[0]
-    requests = [(ActRequest(observations=to_tensor(rng.standard_normal((1, obs_dim), dtype=np.float32)))
-                 if method == ACT_METHOD else InfoRequest()).SerializeToString() for _ in range(clients)]
-    channels = [grpc.insecure_channel(server.address) for _ in range(min(clients, connections))]
-    acts = [channel.unary_unary(method) for channel in channels]  # bytes in and out: no client-side parsing
-    lock, finished, running = threading.Lock(), threading.Event(), [clients]
-    done: list[tuple[float, float]] = []
-    errors: dict[str, int] = {}
-    measure_from = time.perf_counter() + min(WARMUP_S, seconds)
-    stop_at = measure_from + seconds
-    cpu_at_start = None
-
-    def send(i: int) -> None:
-        sent = time.perf_counter()
-        acts[i % len(acts)].future(requests[i], timeout=30).add_done_callback(lambda f: received(i, sent, f))
-
-    def received(i: int, sent: float, future: grpc.Future) -> None:
-        nonlocal cpu_at_start
-        now = time.perf_counter()
-        with lock:
-            if now >= measure_from and cpu_at_start is None:
-                cpu_at_start = server.cpu_seconds()
-            if future.exception() is not None:
-                errors[future.exception().code().name] = errors.get(future.exception().code().name, 0) + 1
-            elif sent >= measure_from:
-                done.append((sent, now - sent))
-            if now >= stop_at:
-                running[0] -= 1
-                if running[0] == 0:
-                    finished.set()
-                return
-        send(i)
-
-    for i in range(clients):
-        send(i)
-    finished.wait()
-    cpu = server.cpu_seconds() - (cpu_at_start or 0.0)
-    for channel in channels:
-        channel.close()
-    latencies = sorted(latency for _, latency in done)
-    elapsed = max(sent + latency for sent, latency in done) - measure_from if done else seconds
-    return {"requests": len(latencies), "requests_per_s": len(latencies) / elapsed,
-            "p50_ms": statistics.median(latencies) * 1e3 if latencies else None,
-            "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3 if latencies else None,
-            "server_cpu_ms_per_request": cpu / len(latencies) * 1e3 if latencies else None, "errors": errors}
+    request = (ActRequest(observations=to_tensor(np.zeros((1, obs_dim), np.float32))) if method == ACT_METHOD
+               else InfoRequest()).SerializeToString()
+    with grpc.insecure_channel(server.address) as channel:
+        try:
+            answer_bytes, refusal = len(grpc_frame(channel.unary_unary(method)(request, timeout=30))), None
+        except grpc.RpcError as exc:  # every call of the load will be refused the same way
+            answer_bytes, refusal = None, exc.code().name
+    with tempfile.TemporaryDirectory(prefix="softflow-h2load-") as folder:
+        body, log = Path(folder, "request.bin"), Path(folder, "requests.tsv")
+        body.write_bytes(grpc_frame(request))
+        command = [require_h2load(), "-c", str(connections), "-m", str(clients // connections), "-d", str(body),
+                   "-H", "content-type: application/grpc", "-H", "te: trailers",
+                   f"http://{server.address}{method}"]
+        warmup_ms = round(min(WARMUP_S, seconds) * 1e3)
+        subprocess.run([*command, "-D", f"{warmup_ms}ms"], capture_output=True, check=True, timeout=warmup_ms + 60)
+        cpu_at_start = server.cpu_seconds()
+        run = subprocess.run([*command, "-D", f"{round(seconds * 1e3)}ms", "--log-file", str(log)],
+                             capture_output=True, text=True, check=True, timeout=seconds + 60)
+        cpu = server.cpu_seconds() - cpu_at_start
+        durations = sorted(int(line.split("\t")[2]) / 1e3 for line in log.read_text().splitlines() if line)
+    counts = {name: int(n) for n, name in re.findall(r"(\d+) (succeeded|failed|errored|timeout)", run.stdout)}
+    data = int(re.search(r"\((\d+)\) data", run.stdout).group(1))
+    answered = 0 if answer_bytes is None else min(counts["succeeded"], data // answer_bytes)
+    errors = {name: n for name, n in [(refusal or "refused_or_short_answer", counts["succeeded"] - answered),
+                                      *((k, counts[k]) for k in ("failed", "errored", "timeout"))] if n}
+    return {"requests": answered, "requests_per_s": answered / seconds,
+            "p50_ms": statistics.median(durations) if durations else None,
+            "p99_ms": durations[min(len(durations) - 1, int(0.99 * len(durations)))] if durations else None,
+            "server_cpu_ms_per_request": cpu / answered * 1e3 if answered else None, "errors": errors}
 
 
 def fuzz_request(rng: np.random.Generator, obs_dim: int, max_message_bytes: int) -> bytes:
