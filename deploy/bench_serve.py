@@ -51,9 +51,9 @@ FUZZ_IN_FLIGHT = 16
 RSS_SAMPLES = 10
 
 
-def bench_serve(source: str | Path, overrides: list[str], seconds: float = 3.0, clients: str = "1,8,64",
+def bench_serve(source: str | Path, overrides: list[str], seconds: float = 2.0, clients: str = "1,8,64",
                 connections: int = 1, fuzz: int = 10_000, max_batch_wait_ms: float | None = None,
-                rounds: int = 3) -> dict:
+                rounds: int = 9) -> dict:
     """Both measurements for ``source`` (an experiment file to train briefly, a run directory or a checkpoint);
     one JSON-ready dict."""
     try:

@@ -75,7 +75,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.what == "serve":
         from softflow.deploy.bench_serve import bench_serve
 
-        report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 3.0, clients=args.clients,
+        report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 2.0, clients=args.clients,
                              connections=args.connections, fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms,
                              rounds=args.rounds)
     elif args.what == "rllib":
@@ -156,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", help="runtime, serve: key=value overrides of the experiment")
     bench.add_argument("--seconds", type=float, default=None,
                        help="runtime: seconds per timed loop (default 10); rllib: seconds per library (default "
-                            "120); serve: seconds per round of each load level and mode (default 3)")
+                            "120); serve: seconds per round of each load level and mode (default 2)")
     bench.add_argument("--clients", default="1,8,64", help="serve only: concurrent clients per load level")
     bench.add_argument("--connections", type=int, default=1, help="serve only: connections the clients share")
-    bench.add_argument("--rounds", type=int, default=3, help="serve only: alternating rounds per load level")
+    bench.add_argument("--rounds", type=int, default=9, help="serve only: alternating rounds per load level")
     bench.add_argument("--fuzz", type=int, default=10_000, help="serve only: fuzzed requests (0: none)")
     bench.add_argument("--max-batch-wait-ms", type=float, default=None,
                        help="serve only: the batched server's wait (default: softflow serve's)")
