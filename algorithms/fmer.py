@@ -27,9 +27,12 @@ Choices the paper leaves open:
 - Weightings for ablation (ALGORITHMS.md section 3): ``soft`` (1); ``top1``, all weight on argmax_j A_j (greedy;
   the paper reports it plateaus); ``unnormalised``, w_j = exp((A_j - mean_j A_j)/(T + alpha)) without the
   normaliser (the paper reports it unstable).
-- States and candidates: the M candidates at the batch's next states s' come from the same flow solve that gives
-  the soft TD target its a' (as in ISFM-SAC), so each update solves the flow once; the critic that weights them is
-  the one just updated by this update's TD step.
+- States and candidates: by default the M candidates at the batch's next states s' come from the same flow solve
+  that gives the soft TD target its a' (as in ISFM-SAC), so each update solves the flow once; ``improve_at: obs``
+  draws them at the batch's states s instead, with a second solve: start states are never next states, and where
+  the decision is taken at the start (the multi-goal task's origin) the policy is otherwise improved there only by
+  generalisation from its neighbours. The critic that weights them is the one just updated by this update's TD
+  step.
 - Solver: 10 Euler steps by default (the paper's); acting executes the best of ``actors.candidates`` samples by
   min(Q1, Q2) (the paper's data collection), which the rollout actors do for every algorithm.
 """
@@ -59,6 +62,9 @@ class FMERConfig(AlgorithmConfig):
     target_ess: float = Field(0.5, gt=0, le=1, description="the ESS fraction (of M) that tuned T keeps")
     mirror_temperature: float = Field(0.0, ge=0, description="T when it is not tuned (0: ISFM's full step)")
     entropy_term: bool = Field(True, description="false: no entropy anywhere (alpha = 0), the ablation")
+    improve_at: Literal["next_obs", "obs"] = Field(
+        "next_obs", description="the states of the policy step: next_obs shares the TD target's flow solve, obs "
+                                "draws candidates at the batch's states (and start states) with a second solve")
     policy_frequency: int = 1
 
     @model_validator(mode="after")
@@ -123,8 +129,8 @@ class FMER(SoftActorCritic):
 
     def policy_loss(self, batch: dict[str, torch.Tensor], candidates: PolicySample
                     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """The weighted flow-matching loss towards the M candidates at each next state s', weights (1)."""
-        obs = batch["next_obs"]
+        """The weighted flow-matching loss towards the M candidates at each state (``improve_at``), weights (1)."""
+        obs, candidates = self.improvement_candidates(batch, candidates, self.config.improve_at)
         m = candidates.latent.shape[1]
         alpha = self.alpha
         with torch.no_grad():

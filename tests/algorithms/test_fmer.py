@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from softflow.algorithms import make_algorithm
 from softflow.algorithms.fmer import (FMERConfig, candidate_weights, effective_sample_fraction,
                                       ess_temperature)
+from softflow.algorithms.isfm import ISFMConfig
 
 
 def test_effective_sample_fraction_is_one_for_uniform_and_one_over_m_for_one_hot():
@@ -93,3 +94,24 @@ def test_each_weighting_updates_and_reports_its_trust_region(weighting):
 def test_an_untuned_zero_temperature_without_entropy_is_rejected():
     with pytest.raises(ValidationError, match="mirror_temperature must be > 0"):
         FMERConfig(entropy_term=False, tune_mirror_temperature=False)
+
+
+@pytest.mark.parametrize("improve_at", ["next_obs", "obs"])
+@pytest.mark.parametrize("name", ["fmer", "isfm"])
+def test_the_policy_step_is_taken_at_the_configured_states_only(name, improve_at):
+    config = small(improve_at=improve_at)
+    if name == "isfm":
+        config = ISFMConfig(**config.model_dump(include={"flow", "critic", "batch_size", "num_candidates",
+                                                         "improve_at"}))
+    algorithm = make_algorithm(config, 3, -np.ones(2), np.ones(2))
+    unused = "obs" if improve_at == "next_obs" else "next_obs"
+    base = batch()
+    next_sample = algorithm.policy.sample(base["next_obs"], 4, with_log_prob=True)
+
+    def loss(shifted: str | None) -> float:
+        b = base if shifted is None else {**base, shifted: base[shifted] + 3.0}
+        torch.manual_seed(1)
+        return algorithm.policy_loss(b, next_sample)[0].item()
+
+    assert loss(unused) == loss(None)
+    assert abs(loss(improve_at) - loss(None)) > 1e-4
