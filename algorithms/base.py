@@ -142,17 +142,6 @@ class SoftActorCritic(Algorithm):
         loss = (self.temperature.value * sample.log_prob - q).mean()
         return loss, -sample.log_prob.detach().mean(), {}
 
-    def improvement_candidates(self, batch: dict[str, torch.Tensor], next_sample: PolicySample, states: str
-                               ) -> tuple[torch.Tensor, PolicySample]:
-        """The states of a weighted flow-matching step and the candidates drawn there: ``next_obs``, the batch's
-        next states with the TD target's draws (one flow solve per update), or ``obs``, its states with a draw of
-        their own (a second solve; the only way start states, which are never next states, get improved)."""
-        if states == "next_obs":
-            return batch["next_obs"], next_sample
-        with torch.no_grad():
-            return batch["obs"], self.policy.sample(batch["obs"], self.samples_per_next_state,
-                                                    with_log_prob=self.entropy_regularised)
-
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         alpha = self.alpha
         with torch.no_grad():

@@ -27,12 +27,9 @@ Choices the paper leaves open:
 - Weightings for ablation (ALGORITHMS.md section 3): ``soft`` (1); ``top1``, all weight on argmax_j A_j (greedy;
   the paper reports it plateaus); ``unnormalised``, w_j = exp((A_j - mean_j A_j)/(T + alpha)) without the
   normaliser (the paper reports it unstable).
-- States and candidates: by default the M candidates at the batch's next states s' come from the same flow solve
-  that gives the soft TD target its a' (as in ISFM-SAC), so each update solves the flow once; ``improve_at: obs``
-  draws them at the batch's states s instead, with a second solve: start states are never next states, and where
-  the decision is taken at the start (the multi-goal task's origin) the policy is otherwise improved there only by
-  generalisation from its neighbours. The critic that weights them is the one just updated by this update's TD
-  step.
+- States and candidates: the batch's next states s' with the TD target's flow solve, or its states s with a solve
+  of their own (``improve_at``, candidates.py, shared with ISFM-SAC); the critic that weights them is the one just
+  updated by this update's TD step.
 - Solver: 10 Euler steps by default (the paper's); acting executes the best of ``actors.candidates`` samples by
   min(Q1, Q2) (the paper's data collection), which the rollout actors do for every algorithm.
 """
@@ -45,27 +42,19 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
-from softflow.algorithms.flows import FlowConfig, FlowPolicy, make_flow_policy
+from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching
 from softflow.algorithms.policy import PolicySample
-from softflow.algorithms.squash import Squash
 
 Weighting = Literal["soft", "top1", "unnormalised"]
 
 
-class FMERConfig(AlgorithmConfig):
+class FMERConfig(CandidateConfig):
     name: Literal["fmer"] = "fmer"
-    flow: FlowConfig = FlowConfig()
-    num_candidates: int = Field(16, ge=2, description="M, candidate actions per state for the weights (1)")
     weighting: Weighting = Field("soft", description="soft (1), top1 (greedy) or unnormalised, for ablations")
     tune_mirror_temperature: bool = Field(True, description="set T each update from the weights' ESS")
     target_ess: float = Field(0.5, gt=0, le=1, description="the ESS fraction (of M) that tuned T keeps")
     mirror_temperature: float = Field(0.0, ge=0, description="T when it is not tuned (0: ISFM's full step)")
     entropy_term: bool = Field(True, description="false: no entropy anywhere (alpha = 0), the ablation")
-    improve_at: Literal["next_obs", "obs"] = Field(
-        "next_obs", description="the states of the policy step: next_obs shares the TD target's flow solve, obs "
-                                "draws candidates at the batch's states (and start states) with a second solve")
-    policy_frequency: int = 1
 
     @model_validator(mode="after")
     def _temperature_positive(self) -> "FMERConfig":
@@ -112,16 +101,9 @@ def candidate_weights(advantages: torch.Tensor, tau: float, weighting: Weighting
     return torch.exp((advantages - advantages.mean(-1, keepdim=True)) / tau)
 
 
-class FMER(SoftActorCritic):
+class FMER(CandidateFlowMatching):
     Config = FMERConfig
     config: FMERConfig
-
-    def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> FlowPolicy:
-        return make_flow_policy(self.config.flow, obs_dim, act_dim, squash)
-
-    @property
-    def samples_per_next_state(self) -> int:
-        return self.config.num_candidates
 
     @property
     def entropy_regularised(self) -> bool:
@@ -130,7 +112,7 @@ class FMER(SoftActorCritic):
     def policy_loss(self, batch: dict[str, torch.Tensor], candidates: PolicySample
                     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """The weighted flow-matching loss towards the M candidates at each state (``improve_at``), weights (1)."""
-        obs, candidates = self.improvement_candidates(batch, candidates, self.config.improve_at)
+        obs, candidates = self.improvement_candidates(batch, candidates)
         m = candidates.latent.shape[1]
         alpha = self.alpha
         with torch.no_grad():

@@ -13,8 +13,8 @@ M, is logged as ``learner/weight_ess`` (1 = proposal equals target). ``weight_te
 
 Implementation choice: the states s are the batch's next states s', and the M candidates come from the same flow
 solve that gives the soft TD target its a' (the first candidate), so each update integrates the flow once;
-``improve_at: obs`` takes the batch's states instead, with a second solve (start states are never next states). The
-weights stay correct because log pi(u_j|s) is the density of the policy that drew u_j.
+``improve_at: obs`` takes the batch's states instead, with a second solve (candidates.py). The weights stay correct
+because log pi(u_j|s) is the density of the policy that drew u_j.
 """
 
 from __future__ import annotations
@@ -24,40 +24,25 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
-from softflow.algorithms.flows import FlowConfig, FlowPolicy, make_flow_policy
+from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching
 from softflow.algorithms.policy import PolicySample
-from softflow.algorithms.squash import Squash
 
 
-class ISFMConfig(AlgorithmConfig):
+class ISFMConfig(CandidateConfig):
     name: Literal["isfm"] = "isfm"
-    flow: FlowConfig = FlowConfig()
-    num_candidates: int = Field(16, ge=2, description="M, samples per state for the importance weights")
     weight_temperature: float = Field(1.0, gt=0, le=1, description="beta in w proportional to ratio^beta")
-    improve_at: Literal["next_obs", "obs"] = Field(
-        "next_obs", description="the states of the policy step: next_obs shares the TD target's flow solve, obs "
-                                "draws candidates at the batch's states (and start states) with a second solve")
-    policy_frequency: int = 1
 
 
-class ISFM(SoftActorCritic):
+class ISFM(CandidateFlowMatching):
     Config = ISFMConfig
     config: ISFMConfig
-
-    def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> FlowPolicy:
-        return make_flow_policy(self.config.flow, obs_dim, act_dim, squash)
-
-    @property
-    def samples_per_next_state(self) -> int:
-        return self.config.num_candidates
 
     def policy_loss(self, batch: dict[str, torch.Tensor], candidates: PolicySample
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """The weighted flow-matching loss at the next states s' of the batch, whose M candidates (drawn in the
         same solve as the TD target's a') are reweighted by the critic as it is after this update's TD step; or at
         its states s, with candidates of their own (``improve_at: obs``)."""
-        obs, candidates = self.improvement_candidates(batch, candidates, self.config.improve_at)
+        obs, candidates = self.improvement_candidates(batch, candidates)
         m = candidates.latent.shape[1]
         with torch.no_grad():
             q = self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), candidates.action)
