@@ -50,3 +50,8 @@ class CandidateFlowMatching(SoftActorCritic):
         with torch.no_grad():
             return batch["obs"], self.policy.sample(batch["obs"], self.config.num_candidates,
                                                     with_log_prob=self.entropy_regularised)
+
+    def candidate_q(self, obs: torch.Tensor, candidates: PolicySample) -> torch.Tensor:
+        """min(Q1, Q2) of the M candidates at each state, shape (B, M), for the weights."""
+        m = candidates.action.shape[1]
+        return self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), candidates.action)

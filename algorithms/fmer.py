@@ -113,10 +113,9 @@ class FMER(CandidateFlowMatching):
                     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """The weighted flow-matching loss towards the M candidates at each state (``improve_at``), weights (1)."""
         obs, candidates = self.improvement_candidates(batch, candidates)
-        m = candidates.latent.shape[1]
         alpha = self.alpha
         with torch.no_grad():
-            advantages = self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), candidates.action)
+            advantages = self.candidate_q(obs, candidates)
             if self.entropy_regularised:
                 advantages = advantages - alpha * candidates.log_prob
             if self.config.tune_mirror_temperature and self.config.weighting != "top1":

@@ -45,7 +45,7 @@ class ISFM(CandidateFlowMatching):
         obs, candidates = self.improvement_candidates(batch, candidates)
         m = candidates.latent.shape[1]
         with torch.no_grad():
-            q = self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), candidates.action)
+            q = self.candidate_q(obs, candidates)
             log_ratio = q / self.temperature.value - candidates.log_prob
             weights = torch.softmax(self.config.weight_temperature * log_ratio, dim=1)
         loss = self.policy.flow_matching_loss(obs, candidates.latent, weights)
