@@ -78,8 +78,10 @@ def goal_headings(actions: np.ndarray) -> np.ndarray:
 
 
 def soft_optimal_headings(alpha: float, gamma: float = 0.99, spacing: float = 0.2, action_points: int = 31,
-                          tolerance: float = 1e-3, samples: int = 20000, **env_kwargs: float) -> np.ndarray:
-    """``goal_headings`` of the soft-optimal policy pi*(a|0) proportional to exp(Q*(0, a) / alpha).
+                          tolerance: float = 1e-3, samples: int = 20000, state: tuple[float, float] = (0.0, 0.0),
+                          **env_kwargs: float) -> np.ndarray:
+    """``goal_headings`` of the soft-optimal policy pi*(a|s) proportional to exp(Q*(s, a) / alpha) at ``state``
+    (the origin by default; the directions are measured from the origin, as in ``goal_headings``).
 
     Soft value iteration V(s) = alpha log integral exp(Q(s, a) / alpha) da, Q(s, a) = r(s, a) + gamma V(s') (0 after
     a goal), on a grid of the plane ``spacing`` apart with V bilinear in between, over ``action_points`` squared
@@ -116,7 +118,7 @@ def soft_optimal_headings(alpha: float, gamma: float = 0.99, spacing: float = 0.
         change, values = float((updated - values).abs().max()), updated
         if change < tolerance:
             break
-    probabilities = torch.softmax(q_values(transitions(np.zeros((1, 2))), values)[0] / alpha, 0).numpy()
+    probabilities = torch.softmax(q_values(transitions(np.array([state], dtype=np.float64)), values)[0] / alpha, 0).numpy()
     rng = np.random.default_rng(0)
     drawn = actions[rng.choice(len(probabilities), samples, p=probabilities)]
     return goal_headings(drawn + rng.uniform(-cell / 2, cell / 2, drawn.shape))

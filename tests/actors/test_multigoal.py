@@ -109,3 +109,13 @@ def test_soft_optimal_policy_at_the_origin_heads_evenly_for_the_four_goals():
     soft-optimal policy at alpha 1 heads for one of them (0.80 at this resolution)."""
     headings = soft_optimal_headings(1.0, spacing=0.25, action_points=31)
     assert np.ptp(headings) < 0.02 and 0.72 < headings.sum() < 0.88, headings
+
+
+def test_soft_optimal_policy_a_tenth_off_the_origin_heads_for_the_nearest_goal():
+    """The soft-optimal policy is multi-modal only very near the origin: 0.1 towards +x (2 % of the way to the
+    goal) already puts about 0.7 of it on +x at alpha 1 and under 0.06 on each other goal; the state a quarter
+    turn round (0.1 towards -y) gives the same numbers turned with it."""
+    towards_x = soft_optimal_headings(1.0, spacing=0.25, action_points=31, state=(0.1, 0.0))
+    towards_minus_y = soft_optimal_headings(1.0, spacing=0.25, action_points=31, state=(0.0, -0.1))
+    assert towards_x[0] > 0.6 and towards_x[1:].max() < 0.06, towards_x
+    assert np.allclose(np.roll(towards_x, 3), towards_minus_y, atol=0.01), (towards_x, towards_minus_y)
