@@ -118,7 +118,8 @@ def soft_optimal_headings(alpha: float, gamma: float = 0.99, spacing: float = 0.
         change, values = float((updated - values).abs().max()), updated
         if change < tolerance:
             break
-    probabilities = torch.softmax(q_values(transitions(np.array([state], dtype=np.float64)), values)[0] / alpha, 0).numpy()
+    at_state = q_values(transitions(np.array([state], dtype=np.float64)), values)[0]
+    probabilities = torch.softmax(at_state / alpha, 0).numpy()
     rng = np.random.default_rng(0)
     drawn = actions[rng.choice(len(probabilities), samples, p=probabilities)]
     return goal_headings(drawn + rng.uniform(-cell / 2, cell / 2, drawn.shape))
