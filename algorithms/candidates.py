@@ -30,6 +30,11 @@ class CandidateConfig(AlgorithmConfig):
     policy_frequency: int = 1
 
 
+def effective_sample_fraction(weights: torch.Tensor) -> torch.Tensor:
+    """(sum_j w_j)^2 / (M sum_j w_j^2) per row of (B, M) weights: 1 for uniform weights, 1/M for one-hot."""
+    return weights.sum(-1).pow(2) / (weights.shape[-1] * weights.pow(2).sum(-1))
+
+
 class CandidateFlowMatching(SoftActorCritic):
     """The flow policy, the candidate draws and the states they are drawn at (module docstring)."""
 

@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching
+from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching, effective_sample_fraction
 from softflow.algorithms.policy import PolicySample
 
 Weighting = Literal["soft", "top1", "unnormalised"]
@@ -62,11 +62,6 @@ class FMERConfig(CandidateConfig):
             raise ValueError("mirror_temperature must be > 0 when entropy_term is false and "
                              "tune_mirror_temperature is false (the weights divide by T + alpha = T)")
         return self
-
-
-def effective_sample_fraction(weights: torch.Tensor) -> torch.Tensor:
-    """(sum_j w_j)^2 / (M sum_j w_j^2) per row of (B, M) weights: 1 for uniform weights, 1/M for one-hot."""
-    return weights.sum(-1).pow(2) / (weights.shape[-1] * weights.pow(2).sum(-1))
 
 
 def ess_temperature(advantages: torch.Tensor, floor: float, target: float, iterations: int = 40) -> float:

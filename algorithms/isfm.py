@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching
+from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching, effective_sample_fraction
 from softflow.algorithms.policy import PolicySample
 
 
@@ -43,11 +43,10 @@ class ISFM(CandidateFlowMatching):
         same solve as the TD target's a') are reweighted by the critic as it is after this update's TD step; or at
         its states s, with candidates of their own (``improve_at: obs``)."""
         obs, candidates = self.improvement_candidates(batch, candidates)
-        m = candidates.latent.shape[1]
         with torch.no_grad():
             q = self.candidate_q(obs, candidates)
             log_ratio = q / self.temperature.value - candidates.log_prob
             weights = torch.softmax(self.config.weight_temperature * log_ratio, dim=1)
         loss = self.policy.flow_matching_loss(obs, candidates.latent, weights)
-        ess = (1.0 / weights.pow(2).sum(1)).mean() / m
+        ess = effective_sample_fraction(weights).mean()
         return loss, -candidates.log_prob.mean(), {"learner/weight_ess": ess.item()}
