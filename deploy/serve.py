@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import hmac
 import ipaddress
 import logging
@@ -46,6 +47,7 @@ from softflow.deploy.serve_policy import (Batcher, CheckpointChanged, RequestErr
 
 log = logging.getLogger("softflow.serve")
 Status = grpc.StatusCode
+GC_YOUNG_THRESHOLD = 5_000  # objects allocated (net) that set off a collection of the youngest generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +366,18 @@ def options_from_args(args) -> ServeOptions:
         max_concurrent_rpcs=args.max_concurrent_rpcs, reload_interval_s=args.reload_interval, device=args.device)
 
 
+def settle_garbage_collector() -> None:
+    """Makes Python's cyclic garbage collector cheap for a long-lived server: everything allocated so far (torch,
+    grpc, the loaded policy; none of it garbage) is frozen, so that no collection walks it again, and the youngest
+    generation is collected at ``GC_YOUNG_THRESHOLD`` objects instead of 700, which the calls of one batch alone
+    outnumber. Measured on 2 cores at 64 clients: collections took 0.03 ms of the 0.23 ms of CPU a batched request
+    cost, and 0.002 ms after (README, "Serving"). Frozen objects are still freed when their last reference
+    goes (the policy a reload replaces is); only reference cycles among them would stay."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def serve_forever(path: str | Path, options: ServeOptions, torch_threads: int = 0) -> None:
     """Serves until SIGINT or SIGTERM, then stops gracefully (calls in progress get a moment to finish)."""
     logging.basicConfig(level=os.environ.get("SOFTFLOW_LOG_LEVEL", "INFO"),
@@ -375,6 +389,7 @@ def serve_forever(path: str | Path, options: ServeOptions, torch_threads: int = 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    settle_garbage_collector()
     s, o = server.served, options
     scheme = "TLS" if o.tls_cert else "plaintext"
     auth = "token required" if o.token else "no token"

@@ -6,6 +6,7 @@ rows, a run directory's new checkpoints are swapped in while a client keeps aski
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from softflow.deploy import PolicyClient
 from softflow.deploy.cli import main
 from softflow.deploy.config import parse_experiment
 from softflow.deploy.driver import train
-from softflow.deploy.serve import PolicyServer, ServeOptions
+from softflow.deploy.serve import GC_YOUNG_THRESHOLD, PolicyServer, ServeOptions, settle_garbage_collector
 from softflow.learner.learner import load_checkpoint, save_checkpoint
 
 OBS_DIM = 4  # InvertedPendulum-v5
@@ -246,6 +247,21 @@ def test_serve_and_act_commands(run_dir, tmp_path, capsys):
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)
     assert server.returncode == 0 and "Traceback" not in stderr
+
+
+def test_settle_garbage_collector_freezes_startup_objects_and_still_collects_new_cycles():
+    threshold = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        assert gc.get_freeze_count() > 10_000  # torch, grpc, numpy: everything imported so far
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+        cycle = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 @pytest.fixture
