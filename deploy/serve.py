@@ -9,6 +9,9 @@ One gRPC server (grpc.aio's, on an event loop in a thread of its own) runs:
   ``checkpoints/latest.pt``, which the learner replaces by an atomic rename); a new file is loaded beside the one
   serving and swapped in between two batches, so no request is dropped or answered by half of each.
 
+``softflow serve`` (:func:`serve_forever`) also settles Python's garbage collector once the server is up, which
+raised the batched throughput by a tenth to a fifth (:func:`settle_garbage_collector`).
+
 Hostile input: each request is checked before it is queued (deploy/serve_policy.py says which status each fault
 gets); messages over ``max_message_bytes`` get RESOURCE_EXHAUSTED from gRPC itself, and ``Act`` calls beyond
 ``max_concurrent_rpcs`` in progress get it from the handler (grpc.aio's own limit would hold them back instead);
@@ -163,7 +166,7 @@ class PolicyServer:
 
     The server is grpc.aio's, on an event loop in its own thread: each call is a coroutine on that loop, and the
     :class:`Batcher`'s task makes the policy calls there, so no thread is parked or woken per call (the thread-pool
-    server did both, and answered 2.1x its unbatched throughput at 64 clients where this one answers about 4x;
+    server did both, and answered 2.1x its unbatched throughput at 64 clients where this one answers 4.5-4.9x;
     README, "Serving").
     """
 
