@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.profiler import record_function
 
 from softflow.algorithms.critics import CriticConfig, Temperature, TwinCritic
 from softflow.algorithms.policy import PolicySample
@@ -59,8 +60,9 @@ class Algorithm(abc.ABC):
         """Tells the algorithm how far training is (0 at the start, 1 at the end of the budget), for schedules."""
 
     @abc.abstractmethod
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One gradient update on a batch; returns namespaced metrics (``losses/...``, ``learner/...``)."""
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One gradient update on a batch; returns namespaced metrics (``losses/...``, ``learner/...``) as
+        detached 0-d tensors on the learner's device."""
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -100,9 +102,9 @@ class SoftActorCritic(Algorithm):
         target_entropy = -float(act_dim) if config.target_entropy is None else config.target_entropy
         self.temperature = Temperature(config.alpha, config.autotune_alpha, target_entropy, config.alpha_lr)
         self.temperature.to(self.device)
-        self.q_optimizer = torch.optim.Adam(
-            [*self.critic.q1.parameters(), *self.critic.q2.parameters()], lr=config.q_lr)
-        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.policy_lr)
+        # fused Adam: one kernel per step, and the step counts stay tensors (the foreach version reads them back)
+        self.q_optimizer = torch.optim.Adam(self.critic.online.parameters(), lr=config.q_lr, fused=True)
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.policy_lr, fused=True)
         self.num_updates = 0
 
     def set_progress(self, fraction: float) -> None:
@@ -118,7 +120,7 @@ class SoftActorCritic(Algorithm):
 
     @abc.abstractmethod
     def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """(loss to minimise, detached entropy estimate for alpha or None without an entropy term, extra metrics).
         ``next_sample`` holds
         ``samples_per_next_state`` draws of the policy at each ``batch["next_obs"]``, shape (B, N, d)."""
@@ -130,44 +132,55 @@ class SoftActorCritic(Algorithm):
 
     @property
     def alpha(self) -> float:
-        return self.temperature.value if self.entropy_regularised else 0.0
+        """The current temperature as a number (a host read: for reports and acting, not for updates)."""
+        return float(self.alpha_tensor)
+
+    @property
+    def alpha_tensor(self) -> torch.Tensor:
+        """alpha as a 0-d tensor on the device (0 without the entropy term): what updates use."""
+        return self.temperature.value if self.entropy_regularised else self.temperature.value.new_zeros(())
 
     def reparameterised_policy_loss(self, batch: dict[str, torch.Tensor]
-                                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """SAC's actor loss E_s[alpha log pi(a|s) - min_i Q_i(s, a)] through a reparameterised sample a at the
         batch's states (Gaussian SAC; SAC Flow through its K-step rollout)."""
         obs = batch["obs"]
         sample = self.policy.sample(obs, with_log_prob=True)
-        q = self.critic.min_q(obs, sample.action)
+        q = self.critic.min_q(obs, sample.action, frozen=True)
         loss = (self.temperature.value * sample.log_prob - q).mean()
         return loss, -sample.log_prob.detach().mean(), {}
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        alpha = self.alpha
-        with torch.no_grad():
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One update. Metrics are detached 0-d tensors: nothing here reads a value back to the host (no
+        ``.item()``, no branch on a tensor), so a GPU learner never waits; the learner reads them in one go."""
+        alpha = self.alpha_tensor
+        with torch.no_grad(), record_function("softflow.sample"):
             next_sample = self.policy.sample(batch["next_obs"], self.samples_per_next_state,
                                              with_log_prob=self.entropy_regularised)
-        next_log_prob = next_sample.log_prob[:, 0] if self.entropy_regularised else torch.zeros_like(
-            next_sample.action[:, 0, 0])
-        q_loss, q_mean = self.critic.td_loss(batch, next_sample.action[:, 0], next_log_prob, alpha, self.config.gamma)
-        self.q_optimizer.zero_grad()
-        q_loss.backward()
-        self.q_optimizer.step()
-        metrics = {"losses/q_loss": q_loss.item(), "learner/q_mean": q_mean.item()}
+        with record_function("softflow.critic_step"):
+            next_log_prob = next_sample.log_prob[:, 0] if self.entropy_regularised else torch.zeros_like(
+                next_sample.action[:, 0, 0])
+            q_loss, q_mean = self.critic.td_loss(batch, next_sample.action[:, 0], next_log_prob, alpha,
+                                                 self.config.gamma)
+            self.q_optimizer.zero_grad()
+            q_loss.backward()
+            self.q_optimizer.step()
+        metrics = {"losses/q_loss": q_loss.detach(), "learner/q_mean": q_mean}
         if self.num_updates % self.config.policy_frequency == 0:
-            for _ in range(self.config.policy_frequency):
-                loss, entropy, extra = self.policy_loss(batch, next_sample)
-                self.policy_optimizer.zero_grad()
-                loss.backward()
-                self.policy_optimizer.step()
-                if self.entropy_regularised:
-                    self.temperature.update(entropy)
-            metrics |= {"losses/policy_loss": loss.item(), **extra}
+            with record_function("softflow.policy_step"):
+                for _ in range(self.config.policy_frequency):
+                    loss, entropy, extra = self.policy_loss(batch, next_sample)
+                    self.policy_optimizer.zero_grad()
+                    loss.backward()
+                    self.policy_optimizer.step()
+                    if self.entropy_regularised:
+                        self.temperature.update(entropy)
+            metrics |= {"losses/policy_loss": loss.detach(), **extra}
             if entropy is not None:
-                metrics["learner/entropy"] = entropy.item()
+                metrics["learner/entropy"] = entropy.detach()
         self.critic.update_targets(self.config.tau)
         self.num_updates += 1
-        metrics["learner/alpha"] = self.alpha
+        metrics["learner/alpha"] = self.alpha_tensor
         return metrics
 
     @torch.no_grad()
@@ -212,9 +225,8 @@ class SoftActorCritic(Algorithm):
         def to_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
-        return {"policy": to_cpu(self.policy), "q1": to_cpu(self.critic.q1), "q2": to_cpu(self.critic.q2)}
+        return {"policy": to_cpu(self.policy), "critic": to_cpu(self.critic.online)}
 
     def load_policy_weights(self, weights: dict[str, Any]) -> None:
         self.policy.load_state_dict(weights["policy"])
-        self.critic.q1.load_state_dict(weights["q1"])
-        self.critic.q2.load_state_dict(weights["q2"])
+        self.critic.online.load_state_dict(weights["critic"])

@@ -28,70 +28,102 @@ class CriticConfig(BaseModel):
     hidden: list[int] = [256, 256]
 
 
-class MLPCritic(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int]):
+class StackedLinear(nn.Module):
+    """``n`` independent linear layers evaluated as one batched matrix product: x (n, N, in) -> (n, N, out).
+    Each slice starts as ``nn.Linear`` does (U(-1/sqrt(in), 1/sqrt(in)) for weights and biases)."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
         super().__init__()
-        self.net = mlp(obs_dim + act_dim, hidden, 1)
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        weight, bias = (self.weight.detach(), self.bias.detach()) if frozen else (self.weight, self.bias)
+        return torch.baddbmm(bias, x, weight)
 
 
-class QuadraticCritic(nn.Module):
-    """Q(s, a) = -z^T S z + b^T z + c, z = [s; a], S = (M + M^T) / 2 (not constrained to be definite)."""
+class StackedMLPCritics(nn.Module):
+    """``n`` Q-networks Q_i(s, a) = MLP_i([s, a]) (ReLU) as one stacked network: every layer of all of them is
+    one ``torch.baddbmm``, so twin critics cost the kernel launches of one."""
 
-    def __init__(self, obs_dim: int, act_dim: int):
+    def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: list[int]):
+        super().__init__()
+        widths = [obs_dim + act_dim, *hidden, 1]
+        self.layers = nn.ModuleList(StackedLinear(n, a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+    def forward(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """z: (n or 1, N, o + d) -> (n, N)."""
+        h = z.expand(len(self.layers[0].weight), -1, -1)
+        for layer in self.layers[:-1]:
+            h = torch.relu(layer(h, frozen))
+        return self.layers[-1](h, frozen).squeeze(-1)
+
+
+class StackedQuadraticCritics(nn.Module):
+    """``n`` critics Q_i(s, a) = -z^T S_i z + b_i^T z + c_i, z = [s; a], S_i = (M_i + M_i^T) / 2 (not
+    constrained to be definite)."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int):
         super().__init__()
         dim = obs_dim + act_dim
-        self.matrix = nn.Parameter(torch.eye(dim) * 0.1)
-        self.linear = nn.Parameter(torch.zeros(dim))
-        self.constant = nn.Parameter(torch.zeros(()))
+        self.matrix = nn.Parameter(torch.eye(dim).repeat(n, 1, 1) * 0.1)
+        self.linear = nn.Parameter(torch.zeros(n, dim, 1))
+        self.constant = nn.Parameter(torch.zeros(n, 1))
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        z = torch.cat([obs, action], dim=-1)
-        sym = 0.5 * (self.matrix + self.matrix.T)
-        return -((z @ sym) * z).sum(-1) + z @ self.linear + self.constant
-
-
-def make_critic(config: CriticConfig, obs_dim: int, act_dim: int) -> nn.Module:
-    if config.kind == "quadratic":
-        return QuadraticCritic(obs_dim, act_dim)
-    return MLPCritic(obs_dim, act_dim, config.hidden)
+    def forward(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        params = [p.detach() if frozen else p for p in (self.matrix, self.linear, self.constant)]
+        matrix, linear, constant = params
+        sym = 0.5 * (matrix + matrix.transpose(1, 2))
+        return -((z @ sym) * z).sum(-1) + (z @ linear).squeeze(-1) + constant
 
 
 class TwinCritic(nn.Module):
-    """Two independent Q-networks and their Polyak-averaged targets."""
+    """Two independent Q-networks, stacked (``online``), and their Polyak-averaged targets (``target``).
+
+    Every method takes ``obs`` (..., o) and ``action`` (..., d) with the same leading dimensions and returns
+    values of those leading dimensions."""
 
     def __init__(self, config: CriticConfig, obs_dim: int, act_dim: int):
         super().__init__()
-        self.q1 = make_critic(config, obs_dim, act_dim)
-        self.q2 = make_critic(config, obs_dim, act_dim)
-        self.target = nn.ModuleList([copy.deepcopy(self.q1), copy.deepcopy(self.q2)]).requires_grad_(False)
+        if config.kind == "quadratic":
+            self.online: nn.Module = StackedQuadraticCritics(2, obs_dim, act_dim)
+        else:
+            self.online = StackedMLPCritics(2, obs_dim, act_dim, config.hidden)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+
+    @staticmethod
+    def _evaluate(critics: nn.Module, obs: torch.Tensor, action: torch.Tensor, frozen: bool = False
+                  ) -> torch.Tensor:
+        lead = obs.shape[:-1]
+        z = torch.cat([obs, action], dim=-1).reshape(1, -1, obs.shape[-1] + action.shape[-1])
+        return critics(z, frozen).reshape(2, *lead)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q1(obs, action), self.q2(obs, action)
+        q1, q2 = self._evaluate(self.online, obs, action)
+        return q1, q2
 
-    def min_q(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """min(Q1, Q2) over the leading dimensions of ``obs`` and ``action``."""
-        return torch.minimum(self.q1(obs, action), self.q2(obs, action))
+    def min_q(self, obs: torch.Tensor, action: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """min(Q1, Q2). ``frozen``: gradients flow to ``action`` but not to the critics' parameters (the actor
+        step of SAC and SAC Flow needs dQ/da only, which saves the critics' weight gradients)."""
+        return self._evaluate(self.online, obs, action, frozen).amin(0)
 
     def min_target_q(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(self.target[0](obs, action), self.target[1](obs, action))
+        return self._evaluate(self.target, obs, action).amin(0)
 
     def td_loss(
         self, batch: dict[str, torch.Tensor], next_action: torch.Tensor, next_log_prob: torch.Tensor,
-        alpha: float, gamma: float,
+        alpha: torch.Tensor | float, gamma: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of both critics' squared soft TD errors (mean over the batch) and the mean Q1 value."""
         with torch.no_grad():
             next_v = self.min_target_q(batch["next_obs"], next_action) - alpha * next_log_prob
             target = batch["rewards"] + gamma * (1.0 - batch["terminated"]) * next_v
-        q1, q2 = self(batch["obs"], batch["actions"])
-        return F.mse_loss(q1, target) + F.mse_loss(q2, target), q1.detach().mean()
+        q = self._evaluate(self.online, batch["obs"], batch["actions"])
+        return 2 * F.mse_loss(q, target.expand_as(q)), q[0].detach().mean()
 
     def update_targets(self, tau: float) -> None:
-        polyak_update(self.target[0], self.q1, tau)
-        polyak_update(self.target[1], self.q2, tau)
+        polyak_update(self.target, self.online, tau)
 
 
 class Temperature(nn.Module):
@@ -102,11 +134,12 @@ class Temperature(nn.Module):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=autotune)
         self.autotune = autotune
         self.target_entropy = target_entropy
-        self.optimizer = torch.optim.Adam([self.log_alpha], lr=lr) if autotune else None
+        self.optimizer = torch.optim.Adam([self.log_alpha], lr=lr, fused=True) if autotune else None
 
     @property
-    def value(self) -> float:
-        return float(self.log_alpha.detach().exp())
+    def value(self) -> torch.Tensor:
+        """alpha as a 0-d tensor on the learner's device (no host read)."""
+        return self.log_alpha.detach().exp()
 
     def update(self, entropy: torch.Tensor) -> None:
         """One step on a detached entropy estimate; a no-op when alpha is fixed."""

@@ -141,7 +141,7 @@ class FLAME(SoftActorCritic):
         return r, torch.where(same, r, end.clamp(min=r))
 
     def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(5) at the batch's replay pairs (s, a), one JVP per pair; the entropy from the TD target's samples."""
         obs, box, k = batch["obs"], self.policy.box, self.config.num_candidates
         a = box.normalise(batch["actions"])
@@ -155,7 +155,7 @@ class FLAME(SoftActorCritic):
         u, target = meanflow_target(self.policy.network, x, r, t, obs, v_bar)
         loss = (u - target).pow(2).sum(-1).mean()
         ess = (1.0 / weights.pow(2).sum(1)).mean() / k
-        return loss, -next_sample.log_prob.mean(), {"learner/weight_ess": ess.item()}
+        return loss, -next_sample.log_prob.mean(), {"learner/weight_ess": ess}
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, explore: bool, candidates: int = 1) -> np.ndarray:

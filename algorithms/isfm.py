@@ -38,7 +38,7 @@ class ISFM(CandidateFlowMatching):
     config: ISFMConfig
 
     def policy_loss(self, batch: dict[str, torch.Tensor], candidates: PolicySample
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted flow-matching loss at the next states s' of the batch, whose M candidates (drawn in the
         same solve as the TD target's a') are reweighted by the critic as it is after this update's TD step; or at
         its states s, with candidates of their own (``improve_at: obs``)."""
@@ -49,4 +49,4 @@ class ISFM(CandidateFlowMatching):
             weights = torch.softmax(self.config.weight_temperature * log_ratio, dim=1)
         loss = self.policy.flow_matching_loss(obs, candidates.latent, weights)
         ess = effective_sample_fraction(weights).mean()
-        return loss, -candidates.log_prob.mean(), {"learner/weight_ess": ess.item()}
+        return loss, -candidates.log_prob.mean(), {"learner/weight_ess": ess}

@@ -33,5 +33,5 @@ class SAC(SoftActorCritic):
         return GaussianPolicy(obs_dim, act_dim, c.hidden, squash, c.log_std_min, c.log_std_max)
 
     def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         return self.reparameterised_policy_loss(batch)

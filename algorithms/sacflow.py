@@ -144,7 +144,7 @@ class SACFlow(SoftActorCritic):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.grad_norms: list[float] = []
+        self.grad_norms: list[torch.Tensor] = []
         self.policy_optimizer.register_step_pre_hook(self._record_grad_norm)
 
     def build_policy(self, obs_dim: int, act_dim: int, squash: Squash) -> NoiseAugmentedFlow:
@@ -153,16 +153,16 @@ class SACFlow(SoftActorCritic):
 
     def _record_grad_norm(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        self.grad_norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).detach())
 
     def policy_loss(self, batch: dict[str, torch.Tensor], next_sample: PolicySample
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(actor): alpha log p_c - min Q at the batch's states, through the K-step rollout."""
         return self.reparameterised_policy_loss(batch)
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.grad_norms.clear()
         metrics = super().update(batch)
         if self.grad_norms:
-            metrics["learner/actor_grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+            metrics["learner/actor_grad_norm"] = torch.stack(self.grad_norms).mean()
         return metrics

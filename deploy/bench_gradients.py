@@ -55,7 +55,7 @@ def train_and_record(env_id: str, config: SACFlowConfig, env_steps: int, learnin
         returns += fragment.episode_returns
         if worker.env_steps >= learning_starts:
             learner.update(replay.sample(1, config.batch_size))
-            norms += algorithm.grad_norms
+            norms += [float(norm) for norm in algorithm.grad_norms]
     return norms, returns
 
 

@@ -3,7 +3,8 @@
     softflow train EXPERIMENT.yaml [key=value ...] [--run-dir DIR] [--address ADDR]
     softflow train --resume RUN_DIR [key=value ...]
     softflow evaluate RUN_DIR_OR_CHECKPOINT [--episodes N]
-    softflow bench learner [--updates N] [--repeats N] [--device auto|cpu|cuda] [--quick]
+    softflow bench learner [--batch-sizes 256,1024,4096] [--compile none,default] [--updates N] [--repeats N]
+                           [--device auto|cpu|cuda] [--quick]
     softflow bench runtime [EXPERIMENT.yaml [key=value ...]] [--seconds S]
     softflow bench rllib [--env ENV] [--seconds S] [--batch-size B] [--updates-per-step R]
     softflow bench serve [EXPERIMENT.yaml | RUN_DIR | CHECKPOINT] [--seconds S] [--rounds R] [--clients 1,8,64]
@@ -91,8 +92,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from softflow.deploy.bench import bench_learner
 
-        report = bench_learner(updates=args.updates, batch_size=args.batch_size, repeats=args.repeats,
-                               device=args.device, quick=args.quick)
+        report = bench_learner(updates=args.updates, repeats=args.repeats, device=args.device,
+                               batch_sizes=args.batch_sizes, compile_modes=args.compile, quick=args.quick)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -143,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
     bench.add_argument("what", choices=["learner", "runtime", "rllib", "serve", "act", "gradients"],
-                       help="learner: update and sampling costs; runtime: the Ray runtime's costs against the same "
+                       help="learner: the five algorithms' update costs over a bare CleanRL SAC and over SAC, "
+                            "eager and compiled, and where an update's time goes; "
+                            "runtime: the Ray runtime's costs against the same "
                             "loops alone, for an experiment file; rllib: softflow's SAC against RLlib's SAC for the "
                             "same wall time; serve: the gRPC policy server's latency and throughput, batched and "
                             "unbatched, and a fuzz run; act: time per action of SAC, FLAME, the 10-step flow and SAC "
@@ -168,11 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--env-steps", type=int, default=5000, help="gradients only: env steps per run (1000 random)")
     bench.add_argument("--plot", default=None, help="gradients only: write the figure to this PNG")
     bench.add_argument("--updates-per-step", type=float, default=1.0, help="rllib only: the UTD ratio of both")
-    bench.add_argument("--updates", type=int, default=20, help="timed updates per algorithm")
-    bench.add_argument("--batch-size", type=int, default=256)
-    bench.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
+    bench.add_argument("--updates", type=int, default=30,
+                       help="learner only: timed updates per case, in --repeats blocks of a multiple of 6")
+    bench.add_argument("--batch-sizes", default="256,1024,4096", help="learner only: batch sizes of the SAC ratios")
+    bench.add_argument("--compile", default="none,default",
+                       help="learner only: compile modes to time (none, default, reduce-overhead)")
+    bench.add_argument("--batch-size", type=int, default=256, help="rllib, gradients (learner: --batch-sizes)")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="timed blocks (learner: alternating rounds); the median is reported")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    bench.add_argument("--quick", action="store_true", help="2 updates, 1 repeat, no warm-up (for tests)")
+    bench.add_argument("--quick", action="store_true",
+                       help="a short run for tests (learner: 1 round of 6 updates, batch 256, eager only)")
     bench.set_defaults(func=_bench)
 
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of an experiment (cluster/sweeps/)")

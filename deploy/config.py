@@ -66,6 +66,9 @@ class LearnerConfig(_Section):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Ray custom resources the learner needs (the replay actor and the "
                                           "evaluator go beside it), e.g. {learner: 1}")
+    compile: Literal["none", "default", "reduce-overhead"] = Field(
+        "none", description="torch.compile the update (learner/compile.py): none (eager), default (Inductor), "
+                            "reduce-overhead (and CUDA graphs on a GPU)")
     num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs for the learner: 'auto' takes one when the machine or cluster has one, 0 runs on "
                             "the CPU; more than 0 with no GPU is an error")

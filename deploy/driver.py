@@ -143,7 +143,7 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
                            config.actors.exploration_noise)
     low, high = worker.action_space.low.reshape(-1), worker.action_space.high.reshape(-1)
     algorithm = make_algorithm(config.algorithm, worker.obs_dim, low, high, device)
-    learner = Learner(algorithm, device)
+    learner = Learner(algorithm, device, config.learner.compile)
     replay = ReplayBuffer(config.replay.capacity, worker.obs_dim, worker.act_dim, seed=config.seed)
     eval_env = make_env(config.env)
 

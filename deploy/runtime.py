@@ -115,7 +115,7 @@ class Runtime:
                                                         **self.topology.learner()).remote(
             c.algorithm, self.obs_dim, self.low, self.high, gpus, self.replay, c.algorithm.batch_size,
             c.learner.batches_per_request, c.seed, checkpoint_meta(c, self.obs_dim, self.low, self.high),
-            str(self.checkpoint_path) if resume else None, c.learner.num_cpus)
+            str(self.checkpoint_path) if resume else None, c.learner.num_cpus, c.learner.compile)
         self.evaluator = ray.remote(Evaluator).options(num_cpus=0, **self.topology.learner()).remote(
             c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates, c.seed + 10_000)
         described = ray.get(self.learner.describe.remote())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from softflow.algorithms import Algorithm
+from softflow.learner.compile import compile_algorithm
 
 
 def learner_device(num_gpus: float | str) -> torch.device:
@@ -37,30 +39,38 @@ class Learner:
     """Runs ``algorithm.update`` on stacked batches and counts updates; stops with :class:`TrainingDiverged` at the
     first non-finite loss instead of training on NaN weights."""
 
-    def __init__(self, algorithm: Algorithm, device: torch.device):
+    def __init__(self, algorithm: Algorithm, device: torch.device, compile_mode: str = "none"):
         self.algorithm = algorithm
         self.device = device
         self.num_updates = 0
+        fallback = compile_algorithm(algorithm, compile_mode)
+        if fallback is not None:
+            print(fallback, file=sys.stderr)
 
     def update(self, batches: dict[str, np.ndarray]) -> dict[str, float]:
         """One update per leading index of ``batches`` (arrays shaped (num_batches, batch_size, ...)); returns
-        the metrics averaged over them."""
+        the metrics averaged over them. The algorithm's metrics stay tensors on the device until all the updates
+        are done and are then read back in one transfer: one host synchronisation per call, not one per metric
+        and update."""
         tensors = {k: torch.tensor(v, device=self.device) for k, v in batches.items()}  # Ray's arrays are read-only
-        totals: dict[str, float] = {}
-        counts: dict[str, int] = {}
         num_batches = next(iter(batches.values())).shape[0]
+        records: list[tuple[int, str]] = []
+        values: list[torch.Tensor] = []
         for i in range(num_batches):
-            metrics = self.algorithm.update({k: v[i] for k, v in tensors.items()})
-            bad = [key for key, value in metrics.items() if key.startswith("losses/") and not math.isfinite(value)]
-            if bad:
+            for key, value in self.algorithm.update({k: v[i] for k, v in tensors.items()}).items():
+                records.append((i, key))
+                values.append(torch.as_tensor(value, device=self.device, dtype=torch.float32).reshape(()))
+        numbers = torch.stack(values).tolist() if values else []
+        for (i, key), value in zip(records, numbers, strict=True):
+            if key.startswith("losses/") and not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"{bad[0]} became {metrics[bad[0]]} at update {self.num_updates + i + 1}; lower "
+                    f"{key} became {value} at update {self.num_updates + i + 1}; lower "
                     f"algorithm.q_lr / algorithm.policy_lr or raise algorithm.alpha, and start again")
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
         self.num_updates += num_batches
-        return {key: totals[key] / counts[key] for key in totals}
+        totals: dict[str, list[float]] = {}
+        for (_, key), value in zip(records, numbers, strict=True):
+            totals.setdefault(key, []).append(value)
+        return {key: sum(seen) / len(seen) for key, seen in totals.items()}
 
 
 def rng_state() -> dict[str, Any]:

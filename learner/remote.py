@@ -31,12 +31,12 @@ class LearnerActor:
 
     def __init__(self, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray, num_gpus: float | str,
                  replay, batch_size: int, batches_per_request: int, seed: int, meta: dict[str, Any],
-                 checkpoint: str | None = None, num_cpus: float = 1.0):
+                 checkpoint: str | None = None, num_cpus: float = 1.0, compile_mode: str = "none"):
         torch.set_num_threads(max(1, math.ceil(num_cpus)))
         torch.manual_seed(seed)
         self.device = learner_device(num_gpus)
         self.algorithm = make_algorithm(algorithm_config, obs_dim, low, high, self.device)
-        self.learner = Learner(self.algorithm, self.device)
+        self.learner = Learner(self.algorithm, self.device, compile_mode)
         self.replay = replay
         self.batch_size = batch_size
         self.batches_per_request = batches_per_request

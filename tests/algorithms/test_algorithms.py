@@ -58,10 +58,8 @@ def test_state_dict_round_trip_gives_the_identical_next_update(name):
 def test_updates_reduce_the_critic_loss_on_a_fixed_batch(name):
     algorithm = make(name, 1)
     batch = fixed_batch(1)
-    first = algorithm.update(batch)["losses/q_loss"]
-    for _ in range(150):
-        last = algorithm.update(batch)["losses/q_loss"]
-    assert last < 0.3 * first
+    losses = [float(algorithm.update(batch)["losses/q_loss"]) for _ in range(250)]
+    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])  # the TD target draws a new a' every update: average
 
 
 def fixed_energy_run(name, steps, alpha=0.2, curvature=2.0, mu=0.7):
@@ -72,11 +70,11 @@ def fixed_energy_run(name, steps, alpha=0.2, curvature=2.0, mu=0.7):
     config = {"sac": SACConfig(hidden=[32, 32], policy_lr=3e-3, **common), "isfm": ISFMConfig(**flow, **common),
               "fmer": FMERConfig(**flow, **common)}[name]
     algorithm = make(name, 3, config, low=-math.inf, high=math.inf, obs_dim=1, act_dim=1)
-    for q in (algorithm.critic.q1, algorithm.critic.q2, *algorithm.critic.target):
+    for critics in (algorithm.critic.online, algorithm.critic.target):  # both twins, online and target
         with torch.no_grad():
-            q.matrix.copy_(torch.tensor([[0.0, 0.0], [0.0, curvature]]))
-            q.linear.copy_(torch.tensor([0.0, 2 * curvature * mu]))
-            q.constant.fill_(-curvature * mu**2)
+            critics.matrix.copy_(torch.tensor([[0.0, 0.0], [0.0, curvature]]))
+            critics.linear.copy_(torch.tensor([[0.0], [2 * curvature * mu]]))
+            critics.constant.fill_(-curvature * mu**2)
     batch = {"obs": torch.zeros(64, 1), "actions": torch.zeros(64, 1), "rewards": torch.zeros(64),
              "next_obs": torch.zeros(64, 1), "terminated": torch.ones(64)}
     torch.manual_seed(4)

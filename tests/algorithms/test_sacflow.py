@@ -152,11 +152,11 @@ def fixed_quadratic_run(steps, alpha=0.2, curvature=2.0, mu=0.7, sigma=0.1, k=4)
                            critic={"kind": "quadratic"})
     torch.manual_seed(3)
     algorithm = make_algorithm(config, 1, np.full(1, -np.inf), np.full(1, np.inf))
-    for q in (algorithm.critic.q1, algorithm.critic.q2, *algorithm.critic.target):
+    for critics in (algorithm.critic.online, algorithm.critic.target):  # both twins, online and target
         with torch.no_grad():
-            q.matrix.copy_(torch.tensor([[0.0, 0.0], [0.0, curvature]]))
-            q.linear.copy_(torch.tensor([0.0, 2 * curvature * mu]))
-            q.constant.fill_(-curvature * mu**2)
+            critics.matrix.copy_(torch.tensor([[0.0, 0.0], [0.0, curvature]]))
+            critics.linear.copy_(torch.tensor([[0.0], [2 * curvature * mu]]))
+            critics.constant.fill_(-curvature * mu**2)
     batch = {"obs": torch.zeros(64, 1), "actions": torch.zeros(64, 1), "rewards": torch.zeros(64),
              "next_obs": torch.zeros(64, 1), "terminated": torch.ones(64)}
     for _ in range(steps):
