@@ -19,6 +19,9 @@ from torch.nn import functional as F
 from softflow.algorithms.networks import mlp, polyak_update
 
 
+NO_GRAD_CHUNK = 4096
+
+
 class CriticConfig(BaseModel):
     """The Q-network. ``mlp``: Q(s, a) = MLP([s, a]). ``quadratic``: Q(s, a) = -z^T S z + b^T z + c with z = [s; a]
     and S symmetric, the exact function class of a linear-quadratic problem (the LQR case study)."""
@@ -40,7 +43,7 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         weight, bias = (self.weight.detach(), self.bias.detach()) if frozen else (self.weight, self.bias)
-        return torch.baddbmm(bias, x, weight)
+        return torch.matmul(x, weight).add_(bias)
 
 
 class StackedMLPCritics(nn.Module):
@@ -56,7 +59,7 @@ class StackedMLPCritics(nn.Module):
         """z: (n or 1, N, o + d) -> (n, N)."""
         h = z.expand(len(self.layers[0].weight), -1, -1)
         for layer in self.layers[:-1]:
-            h = torch.relu(layer(h, frozen))
+            h = torch.relu_(layer(h, frozen))  # in place: the (n, N, width) activations are the memory traffic
         return self.layers[-1](h, frozen).squeeze(-1)
 
 
@@ -95,9 +98,13 @@ class TwinCritic(nn.Module):
     @staticmethod
     def _evaluate(critics: nn.Module, obs: torch.Tensor, action: torch.Tensor, frozen: bool = False
                   ) -> torch.Tensor:
+        """(2, *lead) values. Without gradients, many rows (FLAME's K candidates per state) are evaluated
+        ``NO_GRAD_CHUNK`` rows at a time, so that each layer's activations stay in the CPU's cache."""
         lead = obs.shape[:-1]
         z = torch.cat([obs, action], dim=-1).reshape(1, -1, obs.shape[-1] + action.shape[-1])
-        return critics(z, frozen).reshape(2, *lead)
+        if torch.is_grad_enabled() or z.shape[1] <= NO_GRAD_CHUNK:
+            return critics(z, frozen).reshape(2, *lead)
+        return torch.cat([critics(part) for part in z.split(NO_GRAD_CHUNK, dim=1)], dim=1).reshape(2, *lead)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q1, q2 = self._evaluate(self.online, obs, action)

@@ -105,8 +105,8 @@ class MLPVelocity(VelocityField):
         d = self.act_dim
         h = linears[0](torch.cat([x, self.time(t), obs], dim=-1))
         first = linears[0].weight[:, :d]  # W_1x, (width_1, d)
-        fused = (first.T.unsqueeze(1) * linears[1].weight.unsqueeze(0)).flatten(0, 1)  # T as (d * width_2, width_1)
-        grad_t = (silu_grad(h) @ fused.T).view(x.shape[0], d, -1)  # (B, d, width_2): tangent after layer 2
+        fused = (first.unsqueeze(-1) * linears[1].weight.T.unsqueeze(1)).flatten(1)  # T as (width_1, d * width_2)
+        grad_t = (silu_grad(h) @ fused).view(x.shape[0], d, -1)  # (B, d, width_2): the tangent after layer 2
         h = linears[1](nn.functional.silu(h))
         for layer in linears[2:]:
             grad_t = grad_t.mul_(silu_grad(h).unsqueeze(1)) @ layer.weight.T
