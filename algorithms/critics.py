@@ -1,6 +1,7 @@
 """Twin soft Q critics with Polyak targets, and the entropy temperature alpha.
 
-Soft policy evaluation (SAC; ALGORITHMS.md "Common ground"): for a transition (s, a, r, s', done) and a' ~ pi(.|s'),
+Soft policy evaluation (SAC; docs/algorithms.md "Common ground"): for a transition (s, a, r, s', done) and a' ~
+pi(.|s'),
     y = r + gamma (1 - done) (min_i Q_target_i(s', a') - alpha log pi(a'|s'))
 and each critic minimises (Q_i(s, a) - y)^2. Targets follow theta' <- tau theta + (1 - tau) theta'.
 """

@@ -1,5 +1,5 @@
 """FLAME: max-entropy RL with a one-step flow policy (arXiv 2602.01606, "Boosting Maximum Entropy RL via One-Step Flow
-Matching"; ALGORITHMS.md section 5). The policy, its one-step sampler and the decoupled log-density are in
+Matching"; docs/algorithms.md section 5). The policy, its one-step sampler and the decoupled log-density are in
 meanflow.py; this module is the policy improvement, the acting rule and the configuration.
 
 Q-reweighted flow matching (no partition function). The target policy is pi+(a|s) proportional to exp(Q(s, a) /

@@ -1,6 +1,6 @@
 """Flow policies: a velocity field integrated from Gaussian noise to an action, with log-densities.
 
-Conventions (ALGORITHMS.md, "Common ground"): time t runs from noise (t=0) to action (t=1);
+Conventions (docs/algorithms.md, "Common ground"): time t runs from noise (t=0) to action (t=1);
 x_0 ~ N(0, sigma_0^2 I) in R^d (sigma_0 = ``base_std``, 1 by default); dx/dt = v_theta(x, t, s) is solved with K
 fixed steps (Euler or midpoint); the action is ``Squash(x_1)`` (tanh rescaled to the bounds, or the identity for an
 unbounded Box).

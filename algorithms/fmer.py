@@ -12,7 +12,7 @@ a_1..a_M ~ pi_k(.|s) and importance-weighting towards pi_{k+1} gives the self-no
 minimises the weighted conditional flow-matching loss towards the candidates' latents (``FlowPolicy.
 flow_matching_loss``), a simulation-free surrogate of the mirror step. Its fixed point is pi proportional to
 exp(Q/alpha), the soft-optimal policy: there A_j is constant and the weights are uniform. T = 0 is ISFM-SAC's full
-step; alpha = 0 (``entropy_term: false``) is plain advantage weighting softmax(Q/T), which ALGORITHMS.md reports to
+step; alpha = 0 (``entropy_term: false``) is plain advantage weighting softmax(Q/T), which docs/algorithms.md reports to
 collapse without the entropy term.
 
 Choices the paper leaves open:
@@ -24,7 +24,7 @@ Choices the paper leaves open:
   smallest T >= 0 whose weights keep an effective sample size (sum w)^2 / sum w^2 of at least ``target_ess`` x M
   on average over the batch's states: a large step where the candidates agree with the target, a small one where
   the importance weights would rest on a few samples. Otherwise T is ``mirror_temperature``, fixed.
-- Weightings for ablation (ALGORITHMS.md section 3): ``soft`` (1); ``top1``, all weight on argmax_j A_j (greedy;
+- Weightings for ablation (docs/algorithms.md section 3): ``soft`` (1); ``top1``, all weight on argmax_j A_j (greedy;
   the paper reports it plateaus); ``unnormalised``, w_j = exp((A_j - mean_j A_j)/(T + alpha)) without the
   normaliser (the paper reports it unstable).
 - States and candidates: the batch's next states s' with the TD target's flow solve, or its states s with a solve

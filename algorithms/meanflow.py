@@ -28,7 +28,7 @@ candidates are restricted to [-1, 1]^d (flame.py); the action is centre + half-r
 log pi(a|s) = log p(x_1|s) - sum_j log half-range_j. The candidates that train the flow all lie in the box, so the
 learned flow puts (almost) all its mass there and the clip rarely acts; where it does, (3) is the density of the
 unclipped x_1 (a choice, named here). Unbounded dimensions (the LQR) use the identity. This departs from the tanh
-squashing the other flows use (ALGORITHMS.md, "Common ground"): FLAME restricts its candidates to the action box,
+squashing the other flows use (docs/algorithms.md, "Common ground"): FLAME restricts its candidates to the action box,
 which has a meaning only in action coordinates, and so do the paper's code (actions clipped to [-1, 1]).
 """
 

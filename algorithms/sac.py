@@ -2,7 +2,7 @@
 
 Policy improvement minimises E_s E_{a~pi}[alpha log pi(a|s) - min_i Q_i(s, a)] through the reparameterised
 sample a = Squash(mu(s) + sigma(s) x_0). Defaults: batch 256, q lr 1e-3, policy lr 3e-4, policy_frequency 2,
-log-std in [-5, 2], target entropy -|A| (ALGORITHMS.md section 1).
+log-std in [-5, 2], target entropy -|A| (docs/algorithms.md section 1).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SAC Flow: SAC with a flow policy trained end to end through its K-step rollout (arXiv 2509.25756, "Sample-Efficient
-RL of Flow-Based Policies via Velocity-Reparameterized Sequential Modeling"; ALGORITHMS.md section 4).
+RL of Flow-Based Policies via Velocity-Reparameterized Sequential Modeling"; docs/algorithms.md section 4).
 
 The policy is a K-step Euler rollout of a velocity field v (naive MLP, Flow-G or Flow-T: velocities.py), made
 stochastic so that it has a tractable density (the paper's noise-augmented rollout):

@@ -18,7 +18,7 @@
 
 The policy is the Quickstart experiment's (its network sizes and best-of-N), trained for a few hundred steps in
 serial mode unless a run directory or checkpoint is given. Ratios are the result; absolute figures move with the
-machine's load (DESIGN.md, "Performance").
+machine's load (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Offline runs land in ``run_dir/wandb/offline-run-*``; ``run_dir/WANDB.txt`` give
 uploads them later. If an online start fails (no network, bad key) the logger falls back to offline after
 ``ONLINE_INIT_TIMEOUT_S`` seconds instead of stopping the run.
 
-Step handling. The step axis is ``env_steps`` (DESIGN.md, Metrics). It is logged as an ordinary field and declared
+Step handling. The step axis is ``env_steps`` (docs/architecture.md, Metrics). It is logged as an ordinary field
+and declared
 the x-axis of every metric with ``define_metric("*", step_metric="env_steps")``; ``wandb.log(..., step=...)`` is not
 used. W&B drops any record whose ``step`` is not larger than the last one, and a run resumed from a checkpoint
 re-logs env steps it had already reported before it was killed, so ``step=env_steps`` would silently lose the resumed
@@ -303,7 +304,7 @@ class MetricsLogger:
         return lines, f"W&B offline: {Path(self._run.dir).parent} (to upload later see {info_path})"
 
     def log(self, env_steps: int, metrics: dict[str, Any]) -> None:
-        """Records ``metrics`` (DESIGN.md names: ``train/episode_return``, ...) at ``env_steps``."""
+        """Records ``metrics`` (docs/architecture.md names: ``train/episode_return``, ...) at ``env_steps``."""
         record = {"env_steps": env_steps, **metrics}
         self._metrics_file.write(json.dumps(record, default=_json_scalar) + "\n")
         self._metrics_file.flush()

@@ -2,7 +2,8 @@
 
 ``TrainingProgress`` shows a bar of env steps out of the run's budget with the elapsed time, and under it the last
 reported training and evaluation returns, learner updates/s, env steps/s and policy lag. The driver feeds it the
-same metric dicts it logs (DESIGN.md names); a value not reported yet shows as '-'. ``print_summary`` prints the
+same metric dicts it logs (docs/architecture.md names); a value not reported yet shows as '-'. ``print_summary``
+prints the
 final report as a table.
 """
 

@@ -1,6 +1,7 @@
 """The distributed runtime: rollout actors, a replay actor, a learner and an evaluator on Ray, driven from here.
 
-Data flow (DESIGN.md): each rollout actor returns a fragment and a summary; the driver owns the fragment's object and
+Data flow (docs/architecture.md): each rollout actor returns a fragment and a summary; the driver owns the
+fragment's object and
 hands its reference to the replay actor, so transitions never pass through the driver and a dead actor takes no
 stored data with it. The learner pulls batches from the replay actor (two requests in flight) and, every
 ``learner.publish_every`` updates, puts its weights into the object store once; the driver passes the newest

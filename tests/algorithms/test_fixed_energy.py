@@ -1,4 +1,5 @@
-"""Fixed-energy matching (ALGORITHMS.md check 2): with a fixed, known Q over a 2D action, repeated policy-improvement
+"""Fixed-energy matching (docs/algorithms.md check 2): with a fixed, known Q over a 2D action, repeated
+policy-improvement
 steps must bring the flow policy to pi(a) proportional to exp(Q(a)/alpha).
 
 Q is alpha times the log-density of a four-component Gaussian mixture with unequal weights, so the target is the

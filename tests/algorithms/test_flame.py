@@ -250,7 +250,8 @@ def test_flame_experiments_cover_mujoco_kitchen_the_pendulum_and_the_lqr():
 
 @pytest.mark.slow
 def test_policy_improvement_reaches_the_boltzmann_policy_of_a_fixed_mixture_energy():
-    """ALGORITHMS.md check 2 with the mixture and the bounds of test_fixed_energy.py: repeated FLAME improvement steps
+    """docs/algorithms.md check 2 with the mixture and the bounds of test_fixed_energy.py: repeated FLAME
+    improvement steps
     against the fixed Q = alpha log p_mixture, the replay actions being the policy's own samples; the one-step
     policy's MMD to exact samples must fall below 3.5 % of the initial N(0, I)'s and each mode must hold its weight
     within 0.03. K = 1024 posterior candidates: with 256 the self-normalised weights, drawn from posteriors as wide

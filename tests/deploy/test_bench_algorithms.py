@@ -1,7 +1,7 @@
 """Smoke tests of ``softflow bench act --quick`` (a real subprocess: one JSON object, every algorithm at both
 batch sizes, positive costs, ratios equal to their parts) and of ``bench_gradients`` on a tiny budget (one K, two
 velocities: every policy step's norm recorded and summarised, the figure written). Timings are not compared with
-thresholds (DESIGN.md, "Performance")."""
+thresholds (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

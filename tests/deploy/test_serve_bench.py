@@ -1,6 +1,6 @@
 """Smoke test of ``softflow bench serve`` at a small scale (real server processes, a short load and fuzz run):
 every field present, every rate and latency positive, ratios equal to their parts, the fuzz run survived with
-only the expected statuses. Timings are not compared with thresholds (DESIGN.md, "Performance")."""
+only the expected statuses. Timings are not compared with thresholds (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
