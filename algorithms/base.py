@@ -2,8 +2,10 @@
 
 ``Algorithm`` is what the rest of softflow sees (act, update, state_dict/load_state_dict, policy_weights).
 ``SoftActorCritic`` holds what SAC and the flow algorithms have in common: twin soft Q critics with Polyak
-targets, the temperature alpha, the optimisers, and the update schedule (CleanRL's: the critic every update; every
-``policy_frequency`` updates, ``policy_frequency`` policy steps, so policy and critic see the same number of steps).
+targets, the temperature alpha, the optimisers, and the update schedule: the critic steps every update and, every
+``policy_frequency`` updates, the policy takes ``policy_frequency`` steps in a burst (``policy_schedule: burst``,
+CleanRL's SAC: policy and critic see the same number of steps) or one step (``policy_schedule: delayed``, TD3's
+and CrossQ's policy delay, the schedule of SAC Flow's and FLAME's code).
 Subclasses build the policy and define ``policy_loss``.
 
 Each update draws ``samples_per_next_state`` actions at every next state s' in one flow solve, with their
@@ -14,7 +16,7 @@ that needs candidates (ISFM's importance weights) costs one solve per update, no
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,7 +38,10 @@ class AlgorithmConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="transitions per update")
     q_lr: float = Field(1e-3, gt=0, description="critic learning rate (Adam)")
     policy_lr: float = Field(3e-4, gt=0, description="policy learning rate (Adam)")
-    policy_frequency: int = Field(2, ge=1, description="policy steps are taken in bursts of this size, this often")
+    policy_frequency: int = Field(2, ge=1, description="the policy steps every this many updates")
+    policy_schedule: Literal["burst", "delayed"] = Field(
+        "burst", description="burst: policy_frequency policy steps each time (CleanRL's SAC); delayed: one step "
+                             "(TD3's policy delay)")
     alpha: float = Field(0.2, gt=0, description="entropy temperature (initial value when autotuned)")
     autotune_alpha: bool = Field(True, description="tune alpha towards target_entropy")
     target_entropy: float | None = Field(None, description="entropy target; default -|A|")
@@ -140,6 +145,11 @@ class SoftActorCritic(Algorithm):
         """alpha as a 0-d tensor on the device (0 without the entropy term): what updates use."""
         return self.temperature.value if self.entropy_regularised else self.temperature.value.new_zeros(())
 
+    @property
+    def policy_steps_per_turn(self) -> int:
+        """Policy steps taken every ``policy_frequency`` updates (module docstring, the schedule)."""
+        return self.config.policy_frequency if self.config.policy_schedule == "burst" else 1
+
     def reparameterised_policy_loss(self, batch: dict[str, torch.Tensor]
                                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """SAC's actor loss E_s[alpha log pi(a|s) - min_i Q_i(s, a)] through a reparameterised sample a at the
@@ -168,7 +178,7 @@ class SoftActorCritic(Algorithm):
         metrics = {"losses/q_loss": q_loss.detach(), "learner/q_mean": q_mean}
         if self.num_updates % self.config.policy_frequency == 0:
             with record_function("softflow.policy_step"):
-                for _ in range(self.config.policy_frequency):
+                for _ in range(self.policy_steps_per_turn):
                     loss, entropy, extra = self.policy_loss(batch, next_sample)
                     self.policy_optimizer.zero_grad()
                     loss.backward()

@@ -91,3 +91,15 @@ def test_policy_converges_to_the_boltzmann_policy_of_a_fixed_quadratic_q(name):
     assert abs(actions.var() / variance - 1) < 0.15
     if name != "sac":
         assert metrics["learner/weight_ess"] > 0.8
+
+
+@pytest.mark.parametrize("schedule, steps_per_turn", [("burst", 3), ("delayed", 1)])
+def test_policy_schedule_takes_the_stated_number_of_actor_steps(schedule, steps_per_turn):
+    """Every policy_frequency = 3 updates: a burst of 3 actor steps, or exactly one with the delayed schedule."""
+    config = SMALL["sac"].model_copy(update={"policy_frequency": 3, "policy_schedule": schedule})
+    algorithm = make("sac", 2, config)
+    steps = []
+    algorithm.policy_optimizer.register_step_post_hook(lambda *_: steps.append(algorithm.num_updates))
+    for _ in range(9):
+        algorithm.update(fixed_batch())
+    assert steps == [u for u in (0, 3, 6) for _ in range(steps_per_turn)]
