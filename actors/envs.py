@@ -90,6 +90,8 @@ class TaskCompletionInfo(gymnasium.Wrapper):
     """Adds to the info of every reset and step of a FrankaKitchen env:
 
     * ``tasks_completed`` (int): distinct tasks of ``tasks_to_complete`` completed so far this episode;
+    * ``task_fraction`` (float in [0, 1]): ``tasks_completed`` over the number of goal tasks, the FMER paper's
+      kitchen metric (the mean fraction of an episode's sub-tasks completed);
     * ``success`` (bool): all of them completed.
 
     KitchenEnv reports each step's completions in ``info["step_task_completions"]``. Its
@@ -116,6 +118,7 @@ class TaskCompletionInfo(gymnasium.Wrapper):
         if "episode_task_completions" in info:
             info["episode_task_completions"] = list(info["episode_task_completions"])
         info["tasks_completed"] = len(self._completed)
+        info["task_fraction"] = len(self._completed) / len(self.goal_tasks)
         info["success"] = self._completed == self.goal_tasks
         return info
 

@@ -1,4 +1,6 @@
-"""Evaluation episodes with the deterministic policy (x_0 = 0 for flows, the mean for SAC)."""
+"""Evaluation episodes: the acting rule (best of ``actors.candidates`` by Q) and the single deterministic sample
+(x_0 = 0 for flows, the mean for SAC), so that papers evaluated either way can be put side by side (FLAME's code
+evaluates best-of-32, the others one sample)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,18 @@ import gymnasium
 import numpy as np
 
 from softflow.actors.rollout import flatten_obs
+from softflow.algorithms.base import Algorithm
 
-# Final-info keys averaged over episodes when the env reports them (FrankaKitchen, see TaskCompletionInfo).
-INFO_METRICS = {"tasks_completed": "eval/tasks_completed", "success": "eval/success_rate"}
+# Final-info keys averaged over episodes when the env reports them (FrankaKitchen, see TaskCompletionInfo), and
+# the names of their means under ``eval/`` and ``train/``.
+INFO_METRICS = {"tasks_completed": "tasks_completed", "task_fraction": "task_fraction", "success": "success_rate"}
+
+
+def episode_info_means(final_infos: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """The mean of each :data:`INFO_METRICS` key over the episodes' final infos, as ``{prefix}/{name}``, for the
+    keys that every episode reports (none without episodes)."""
+    return {f"{prefix}/{name}": float(np.mean([float(info[key]) for info in final_infos]))
+            for key, name in INFO_METRICS.items() if final_infos and all(key in info for info in final_infos)}
 
 
 def _run_episode(env: gymnasium.Env, act_fn: Callable[[np.ndarray, bool], np.ndarray],
@@ -32,13 +43,26 @@ def evaluate(env: gymnasium.Env, act_fn: Callable[[np.ndarray, bool], np.ndarray
     """Runs ``episodes`` full episodes (seeds ``seed``, ``seed + 1``, ...) and returns ``eval/`` metrics.
 
     Besides the mean return and length, each key of :data:`INFO_METRICS` found in every episode's final info is
-    averaged (``eval/tasks_completed`` and ``eval/success_rate`` on FrankaKitchen). No episodes, no metrics."""
+    averaged (``eval/tasks_completed``, ``eval/task_fraction`` and ``eval/success_rate`` on FrankaKitchen). No
+    episodes, no metrics."""
     if episodes <= 0:
         return {}
     results = [_run_episode(env, act_fn, seed + episode) for episode in range(episodes)]
     returns, lengths, final_infos = zip(*results)
-    metrics = {"eval/episode_return": float(np.mean(returns)), "eval/episode_length": float(np.mean(lengths))}
-    for info_key, metric in INFO_METRICS.items():
-        if all(info_key in info for info in final_infos):
-            metrics[metric] = float(np.mean([float(info[info_key]) for info in final_infos]))
-    return metrics
+    return {"eval/episode_return": float(np.mean(returns)), "eval/episode_length": float(np.mean(lengths)),
+            **episode_info_means(list(final_infos), "eval")}
+
+
+def evaluate_algorithm(env: gymnasium.Env, algorithm: Algorithm, candidates: int, episodes: int,
+                       seed: int) -> dict[str, float]:
+    """:func:`evaluate` with the acting rule (best of ``candidates``), plus ``eval/episode_return_single``: the
+    return of the single deterministic sample on the same episode seeds (the same figure when ``candidates`` is 1)."""
+    metrics = evaluate(env, lambda obs, explore: algorithm.act(obs, explore, candidates), episodes, seed)
+    if not metrics:
+        return metrics
+    if candidates == 1:
+        single = metrics["eval/episode_return"]
+    else:
+        single = evaluate(env, lambda obs, explore: algorithm.act(obs, explore, 1), episodes, seed)[
+            "eval/episode_return"]
+    return metrics | {"eval/episode_return_single": single}

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from softflow.actors.envs import make_env
-from softflow.actors.evaluate import evaluate
+from softflow.actors.evaluate import evaluate_algorithm
 from softflow.actors.fragment import Fragment
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.replay import ReplayBuffer
@@ -157,6 +157,5 @@ class Evaluator:
     def evaluate(self, weights: Weights, episodes: int) -> dict[str, float]:
         version, state = weights
         self.algorithm.load_policy_weights(state)
-        result = evaluate(self.env, lambda obs, explore: self.algorithm.act(obs, explore, self.candidates),
-                          episodes, seed=self.seed)
+        result = evaluate_algorithm(self.env, self.algorithm, self.candidates, episodes, self.seed)
         return {**result, "eval/policy_version": version}

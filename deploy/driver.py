@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from softflow.actors.envs import LQREnvConfig, make_env
-from softflow.actors.evaluate import evaluate
+from softflow.actors.evaluate import episode_info_means, evaluate_algorithm
 from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import make_algorithm
@@ -147,12 +147,13 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
     replay = ReplayBuffer(config.replay.capacity, worker.obs_dim, worker.act_dim, seed=config.seed)
     eval_env = make_env(config.env)
 
-    def act_for_eval(obs: np.ndarray, explore: bool) -> np.ndarray:
-        return algorithm.act(obs, explore, config.actors.candidates)
+    def evaluate(seed: int) -> dict[str, float]:
+        return evaluate_algorithm(eval_env, algorithm, config.actors.candidates, config.eval.episodes, seed)
 
     starts, batch_size = config.learner.learning_starts, config.algorithm.batch_size
     returns: list[float] = []
     lengths: list[int] = []
+    infos: list[dict[str, Any]] = []
     update_metrics: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     next_log, next_eval = config.log_every_steps, config.eval.every_steps
@@ -172,6 +173,7 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
         replay.add(fragment)
         returns += fragment.episode_returns
         lengths += fragment.episode_lengths
+        infos += fragment.episode_infos
         due = int(config.replay.updates_per_step * (worker.env_steps - starts)) - learner.num_updates
         if worker.env_steps >= starts and due > 0 and len(replay) >= batch_size:
             algorithm.set_progress(worker.env_steps / config.total_env_steps)
@@ -180,7 +182,7 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
             checkpoint()
             next_checkpoint += config.learner.checkpoint_every
         if config.eval.episodes and worker.env_steps >= next_eval:
-            last_eval = evaluate(eval_env, act_for_eval, config.eval.episodes, seed=config.seed + 10_000)
+            last_eval = evaluate(config.seed + 10_000)
             if isinstance(config.env, LQREnvConfig):
                 fit = lqr_report(algorithm, config.env, config.algorithm.gamma, 512, 16, config.seed)
                 last_eval |= {"eval/lqr_rel_err_K": fit["rel_err_K"], "eval/lqr_rel_err_Sigma": fit["rel_err_Sigma"]}
@@ -191,6 +193,7 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
             report(worker.env_steps, {
                 **({"train/episode_return": float(np.mean(returns)),
                     "train/episode_length": float(np.mean(lengths))} if returns else {}),
+                **episode_info_means(infos, "train"),
                 **update_metrics, **last_eval,
                 "learner/updates": learner.num_updates,
                 "learner/updates_per_s": (learner.num_updates - mark_updates) / elapsed,
@@ -198,12 +201,12 @@ def train_serial(config: ExperimentConfig, run_dir: Path, device: torch.device, 
                 "replay/size": len(replay),
             })
             mark_time, mark_steps, mark_updates = now, worker.env_steps, learner.num_updates
-            returns, lengths, last_eval = [], [], {}
+            returns, lengths, infos, last_eval = [], [], [], {}
             next_log += config.log_every_steps
     checkpoint()
     worker.close()
 
     summary: dict[str, Any] = {"env_steps": worker.env_steps, "updates": learner.num_updates}
     if config.eval.episodes:
-        summary |= evaluate(eval_env, act_for_eval, config.eval.episodes, seed=config.seed + 20_000)
+        summary |= evaluate(config.seed + 20_000)
     return summary | task_report(algorithm, config, run_dir)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from softflow.actors.envs import make_env
-from softflow.actors.evaluate import evaluate
+from softflow.actors.evaluate import evaluate_algorithm
 from softflow.algorithms import Algorithm, make_algorithm
 from softflow.deploy.config import ConfigError, parse_experiment
 from softflow.learner.learner import load_checkpoint
@@ -82,7 +82,7 @@ def evaluate_policy(path: str | Path, episodes: int, seed: int = 20_000) -> dict
     policy = load_policy(path)
     config = parse_experiment(policy.config)
     env = make_env(config.env)
-    result = evaluate(env, lambda obs, explore: policy.act(obs, explore), episodes, seed)
+    result = evaluate_algorithm(env, policy.algorithm, policy.candidates, episodes, seed)
     env.close()
     return {"checkpoint": str(checkpoint_path(path)), "env": config.env.id, "algorithm": config.algorithm.name,
             "episodes": episodes, "candidates": policy.candidates, **result}

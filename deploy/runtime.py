@@ -25,6 +25,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from softflow.actors.evaluate import episode_info_means
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
 from softflow.algorithms import make_algorithm
@@ -287,9 +288,7 @@ class Window:
         if self.returns:
             report |= {"train/episode_return": float(np.mean(self.returns)),
                        "train/episode_length": float(np.mean(self.lengths))}
-        completed = [info["tasks_completed"] for info in self.infos if "tasks_completed" in info]
-        if completed:
-            report["train/tasks_completed"] = float(np.mean(completed))
+        report |= episode_info_means(self.infos, "train")
         report |= {"learner/updates": counters.updates, "learner/updates_per_s": self.updates / elapsed,
                    "actors/env_steps_per_s": self.transitions / elapsed, "actors/restarts": counters.restarts,
                    "actors/lost_transitions": counters.lost_transitions, "weights/version": version,

@@ -11,7 +11,7 @@ import pytest
 from gymnasium import spaces
 
 from softflow.actors.envs import GymEnvConfig, TaskCompletionInfo, completed_tasks, make_env
-from softflow.actors.evaluate import evaluate
+from softflow.actors.evaluate import evaluate, evaluate_algorithm
 from softflow.actors.rollout import RolloutWorker, flatten_obs
 
 MICROWAVE_GOAL = -0.75  # gymnasium_robotics' OBS_ELEMENT_GOALS["microwave"]; a task counts within 0.3 of its goal
@@ -132,7 +132,7 @@ def test_evaluate_reports_kitchen_task_metrics() -> None:
     env = kitchen(max_episode_steps=10)
     metrics = evaluate(env, zero_policy(9), episodes=1, seed=0)
     assert metrics == {"eval/episode_return": 0.0, "eval/episode_length": 10.0,
-                       "eval/tasks_completed": 0.0, "eval/success_rate": 0.0}
+                       "eval/tasks_completed": 0.0, "eval/task_fraction": 0.0, "eval/success_rate": 0.0}
 
 
 class OpenMicrowaveOnReset(gymnasium.Wrapper):
@@ -152,10 +152,12 @@ class OpenMicrowaveOnReset(gymnasium.Wrapper):
 @pytest.mark.parametrize(("tasks", "completed", "success"), [
     (["microwave"], 1.0, 1.0), (["microwave", "kettle", "light switch", "slide cabinet"], 1.0, 0.0)])
 def test_evaluate_counts_a_task_the_physics_completes(tasks, completed, success) -> None:
+    """The microwave is one task of ``tasks``: the fraction completed is 1 / len(tasks)."""
     env = make_env(GymEnvConfig(id="FrankaKitchen-v1", kwargs={"tasks_to_complete": tasks, "max_episode_steps": 5}))
     env = TaskCompletionInfo(OpenMicrowaveOnReset(env.env))
     metrics = evaluate(env, zero_policy(9), episodes=2, seed=0)
     assert metrics["eval/tasks_completed"] == completed and metrics["eval/success_rate"] == success
+    assert metrics["eval/task_fraction"] == pytest.approx(completed / len(tasks))
     assert metrics["eval/episode_return"] == 1.0  # the sparse reward: one per task completed
     assert metrics["eval/episode_length"] == (1.0 if success else 5.0)  # all tasks done ends the episode
 
@@ -164,6 +166,7 @@ def test_evaluate_averages_tasks_and_successes_over_episodes() -> None:
     env = TaskCompletionInfo(ScriptedKitchen({0: ["microwave"], 1: ["kettle", "microwave"]}))
     metrics = evaluate(env, zero_policy(1), episodes=2, seed=0)
     assert metrics["eval/tasks_completed"] == pytest.approx(1.5)
+    assert metrics["eval/task_fraction"] == pytest.approx((1 / 2 + 2 / 2) / 2)  # two goal tasks
     assert metrics["eval/success_rate"] == pytest.approx(0.5)
     assert metrics["eval/episode_length"] == pytest.approx(1.5)
 
@@ -172,3 +175,32 @@ def test_evaluate_without_task_info_keeps_the_plain_metrics() -> None:
     env = make_env(GymEnvConfig(id="InvertedPendulum-v5", kwargs={"max_episode_steps": 5}))
     metrics = evaluate(env, zero_policy(1), episodes=2, seed=0)
     assert metrics == {"eval/episode_return": 5.0, "eval/episode_length": 5.0}
+
+
+class ActionIsReward(gymnasium.Env):
+    """One-step episodes whose reward is the action: the return tells which acting rule ran."""
+
+    observation_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+    action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        return np.zeros(1, dtype=np.float32), {}
+
+    def step(self, action: np.ndarray):
+        return np.zeros(1, dtype=np.float32), float(action[0]), True, False, {}
+
+
+class CandidateRule:
+    """An Algorithm's act(): the single deterministic sample is 0.25, best of N > 1 is 0.75."""
+
+    def act(self, obs: np.ndarray, explore: bool, candidates: int = 1) -> np.ndarray:
+        assert not explore
+        return np.full((obs.shape[0], 1), 0.25 if candidates == 1 else 0.75, dtype=np.float32)
+
+
+@pytest.mark.parametrize(("candidates", "single"), [(1, 0.25), (32, 0.25)])
+def test_evaluate_algorithm_reports_the_acting_rule_and_the_single_sample(candidates, single) -> None:
+    metrics = evaluate_algorithm(ActionIsReward(), CandidateRule(), candidates, episodes=3, seed=0)
+    assert metrics["eval/episode_return"] == (0.25 if candidates == 1 else 0.75)
+    assert metrics["eval/episode_return_single"] == single

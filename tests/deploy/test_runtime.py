@@ -194,7 +194,9 @@ def test_the_kitchen_fmer_experiment_runs_end_to_end_with_task_metrics(tmp_path)
     assert (tmp_path / "checkpoints" / "latest.pt").is_file()
     completed = [row["train/tasks_completed"] for row in rows if "train/tasks_completed" in row]
     assert completed and all(value == 0.0 for value in completed)
-    assert summary["eval/tasks_completed"] == 0.0 and summary["eval/success_rate"] == 0.0
+    assert all(row["train/task_fraction"] == 0.0 for row in rows if "train/tasks_completed" in row)
+    assert summary["eval/tasks_completed"] == summary["eval/task_fraction"] == summary["eval/success_rate"] == 0.0
+    assert summary["eval/episode_return_single"] == summary["eval/episode_return"] == 0.0
     assert summary["eval/episode_length"] == 50.0 and any("learner/weight_ess" in row for row in rows)
 
 
