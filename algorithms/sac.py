@@ -2,7 +2,8 @@
 
 Policy improvement minimises E_s E_{a~pi}[alpha log pi(a|s) - min_i Q_i(s, a)] through the reparameterised
 sample a = Squash(mu(s) + sigma(s) x_0). Defaults: batch 256, q lr 1e-3, policy lr 3e-4, policy_frequency 2,
-log-std in [-5, 2], target entropy -|A| (docs/algorithms.md section 1).
+log-std in [-5, 2], target entropy -|A|, and alpha autotuned from 1.0 (CleanRL and Stable-Baselines3 start
+log alpha at 0; docs/algorithms.md section 1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class SACConfig(AlgorithmConfig):
     hidden: list[int] = Field([256, 256], min_length=1, description="policy MLP widths")
     log_std_min: float = -5.0
     log_std_max: float = 2.0
+    alpha: float = Field(1.0, gt=0, description="entropy temperature (initial value when autotuned: CleanRL's 1.0)")
 
 
 class SAC(SoftActorCritic):
