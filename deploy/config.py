@@ -59,8 +59,9 @@ class LearnerConfig(_Section):
     learning_starts: int = Field(5000, ge=1, description="env steps of uniform random actions before updates")
     checkpoint_every: int = Field(10_000, ge=1, description="updates between checkpoints")
     publish_every: int = Field(50, ge=1, description="updates between weight broadcasts to the actors")
-    batches_per_request: int = Field(4, ge=1, description="batches fetched from the replay actor per request "
-                                                          "(two requests are kept in flight)")
+    batches_per_request: int = Field(16, ge=1, description="batches fetched from the replay actor per request "
+                                                           "(two requests are kept in flight; a request costs a "
+                                                           "few ms of Ray transport whatever its size)")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the learner actor; torch "
                                            "uses ceil(num_cpus) threads in it")
     resources: dict[str, float] = Field(
