@@ -9,16 +9,22 @@ Log-density of the map actually sampled. Each integrator step is a map x_{k+1} =
     log p(x_K | s) = log N(x_0; 0, sigma_0^2 I) - sum_k log |det df_k/dx (x_k)|                        (exact)
 For Euler, df_k/dx = I + dt J_v(x_k, t_k, s). With d = 1..17 the per-step Jacobian is affordable: each velocity
 field gives J_v with its forward pass (``VelocityField.forward_and_jacobian``: generically d batched vector-Jacobian
-products with ``torch.func``; the MLP in closed form, forward-mode). For large d the Hutchinson option replaces
-log|det df_k/dx| by the
-first-order term of its expansion, tr(df_k/dx - I) ~ dt tr(J_v), estimated with one Rademacher probe eps as
-eps^T (df_k/dx - I) eps: the instantaneous change of variables, log p(x_1) = log N(x_0) - int_0^1 tr(dv/dx) dt,
-integrated with the solver's own quadrature (FFJORD's estimator). The squashing correction is added by ``Squash``.
+products with ``torch.func``; the MLP in closed form, forward-mode).
+
+Hutchinson (``log_prob: hutchinson``, FMER's estimator, docs/algorithms.md section 3): the instantaneous change of
+variables, log p(x_1) = log N(x_0) - int_0^1 tr(dv/dx) dt, integrated with the solver's own quadrature, each trace
+estimated with a fresh Rademacher probe eps (FFJORD's estimator): the step's term is dt eps^T J_v eps at the
+point where the step evaluates its velocity (x_k for Euler, the midpoint y_k for midpoint), one Jacobian-vector
+product. Its mean is the quadrature of the ODE's exact log-det (for an affine field, exactly tr(M) over the path);
+its variance per step, dt^2 sum_{i<j} (J_ij + J_ji)^2, grows with the off-diagonal mass of J (as d^2 for a dense
+J) and falls as 1/K over K steps with independent probes. Against the exact log-det of the sampled step map it is
+off by -dt^2 tr(J^2) / 2 per Euler step and by O(dt^3) per midpoint step. The squashing correction is added by
+``Squash``.
 
 Base width. A target much narrower than the noise (four lobes of std 0.1 in the multi-goal task against N(0, I)) is
 slow to fit by flow matching: the velocity field must contract space tenfold and split it four ways. With
 sigma_0 = 0.5, plain flow matching on exact samples of those lobes reaches 0.81 of samples heading for a goal
-(exact: 0.92) in 400 steps at lr 1e-2, where sigma_0 = 1 is still at 0.49 (README, "The multi-goal task").
+(exact: 0.92) in 400 steps at lr 1e-2, where sigma_0 = 1 is still at 0.49 (docs/results.md, "FMER, the multi-goal task").
 
 Guard. A learned Euler step can fold space: det(I + dt J) crosses zero, most often at the last step of a narrow
 policy, whose step maps x_t to the predicted endpoint and legitimately contracts almost to a point. At a fold the
@@ -161,12 +167,13 @@ class FlowPolicy(nn.Module):
         return x + dt * self.velocity(x + 0.5 * dt * v, t + 0.5 * dt, obs)
 
     def _step_with_log_det(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor):
-        """One step and log|det d step / dx| (exact) or its Hutchinson first-order estimate, per sample.
+        """One step and log|det d step / dx| (exact) or its Hutchinson estimate, per sample.
 
         Exact, by the chain rule on the velocity Jacobians J: Euler I + dt J(x); midpoint, with
-        y = x + dt/2 v(x), I + dt J(y) (I + dt/2 J(x)); floored as the module docstring says."""
+        y = x + dt/2 v(x), I + dt J(y) (I + dt/2 J(x)); floored as the module docstring says. Hutchinson:
+        dt eps^T J eps at the step's evaluation point (x, or y for midpoint), the module docstring's quadrature."""
+        dt = 1.0 / self.steps
         if self.log_prob_method == "exact":
-            dt = 1.0 / self.steps
             d = x.shape[-1]
             eye = torch.eye(d, dtype=x.dtype, device=x.device)
             v, jac = self.velocity.forward_and_jacobian(x, t, obs)
@@ -176,9 +183,12 @@ class FlowPolicy(nn.Module):
                 v_mid, jac_mid = self.velocity.forward_and_jacobian(x + 0.5 * dt * v, t + 0.5 * dt, obs)
                 x_next, step_jac = x + dt * v_mid, eye + dt * jac_mid @ (eye + 0.5 * dt * jac)
             return x_next, torch.linalg.slogdet(step_jac).logabsdet.clamp(min=d * STEP_LOG_DET_FLOOR)
+        point, t_point = x, t
+        if self.integrator == "midpoint":
+            point, t_point = x + 0.5 * dt * self.velocity(x, t, obs), t + 0.5 * dt
         probe = torch.randint_like(x, 2) * 2 - 1
-        x_next, tangent = jvp(lambda xx: self.step(xx, t, obs), (x,), (probe,))
-        return x_next, (probe * (tangent - probe)).sum(-1)
+        v, jac_probe = jvp(lambda xx: self.velocity(xx, t_point, obs), (point,), (probe,))
+        return x + dt * v, dt * (probe * jac_probe).sum(-1)
 
     def sample(
         self,
@@ -242,7 +252,9 @@ class FlowConfig(BaseModel):
     base_std: float = Field(1.0, gt=0, description="sigma_0 of the base noise N(0, sigma_0^2 I); below 1 for targets "
                                                    "much narrower than N(0, I) (module docstring)")
     integrator: Literal["euler", "midpoint"] = "euler"
-    log_prob: Literal["exact", "hutchinson"] = Field("exact", description="per-step Jacobian log-det or estimate")
+    log_prob: Literal["exact", "hutchinson"] = Field(
+        "exact", description="exact: each step's Jacobian log-det; hutchinson: the trace estimate along the solve "
+                             "(module docstring); FMER defaults to hutchinson")
     velocity: Literal["mlp", "gated", "decoded"] = Field(
         "mlp", description="velocity field: mlp, or SAC Flow's gated (Flow-G, widths ``hidden``) or decoded (Flow-T, "
                            "d_model/heads/layers); velocities.py")

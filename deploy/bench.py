@@ -18,7 +18,7 @@ Why ratios: absolute times on a shared machine move with its load by tens of per
 alternation move together. So every case is built and warmed up first (compiled ones longer: compilation happens
 on the first calls), then each round times one block of every case in turn, and a ratio is the median over rounds
 of that round's ratio (ms: the median over rounds). A block holds a multiple of 6 updates, so a whole number of
-every algorithm's policy-step bursts (``policy_frequency`` 1, 2 or 3). README.md, "Benchmarks", quotes the figures.
+every algorithm's policy-step bursts (``policy_frequency`` 1, 2 or 3). docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations

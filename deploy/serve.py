@@ -167,7 +167,7 @@ class PolicyServer:
     The server is grpc.aio's, on an event loop in its own thread: each call is a coroutine on that loop, and the
     :class:`Batcher`'s task makes the policy calls there, so no thread is parked or woken per call (the thread-pool
     server did both, and answered 2.1x its unbatched throughput at 64 clients where this one answers 4.5-4.9x;
-    README, "Serving").
+    docs/serving.md).
     """
 
     def __init__(self, path: str | Path, options: ServeOptions):
@@ -374,7 +374,7 @@ def settle_garbage_collector() -> None:
     grpc, the loaded policy; none of it garbage) is frozen, so that no collection walks it again, and the youngest
     generation is collected at ``GC_YOUNG_THRESHOLD`` objects instead of 700, which the calls of one batch alone
     outnumber. Measured on 2 cores at 64 clients: collections took 0.03 ms of the 0.23 ms of CPU a batched request
-    cost, and 0.002 ms after (README, "Serving"). Frozen objects are still freed when their last reference
+    cost, and 0.002 ms after (docs/serving.md). Frozen objects are still freed when their last reference
     goes (the policy a reload replaces is); only reference cycles among them would stay."""
     gc.collect()
     gc.freeze()

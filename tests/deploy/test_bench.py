@@ -1,7 +1,7 @@
 """Smoke tests of ``softflow bench learner --quick`` and ``softflow bench runtime`` (a short one on a real Ray)
 run as real subprocesses: one JSON object on stdout with every field present, every cost positive and every ratio
 equal to its parts; and unit tests of the learner benchmark's CleanRL SAC reference. Timings are not compared with
-thresholds (README.md, "Benchmarks")."""
+thresholds (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
