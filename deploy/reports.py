@@ -37,7 +37,13 @@ def fit_linear_gaussian(states: np.ndarray, actions: np.ndarray) -> tuple[np.nda
 def lqr_report(algorithm: Algorithm, env: LQREnvConfig, gamma: float, num_states: int = 2048,
                samples_per_state: int = 32, seed: int = 0) -> dict:
     """Fits the learned policy's K and Sigma at states x ~ N(0, init_std^2 I) (the episodes' start distribution)
-    and compares them with the soft-optimal K* and Sigma* for the final alpha (relative Frobenius errors)."""
+    and compares them with the soft-optimal K* and Sigma* for the final alpha (relative Frobenius errors).
+
+    ``target`` says what ``rel_err_K`` and ``rel_err_Sigma`` measure against: ``soft_optimum`` (K*, Sigma*), or,
+    for an algorithm whose actor objective has another optimum on the LQR (one with ``path_optimum_covariance``:
+    SAC Flow, whose path density gives N(-K* x, (K alpha / 2) diag(H_uu)^-1), docs/algorithms.md "SAC Flow's
+    optimum on the LQR"), ``path_density_optimum`` (K*, ``Sigma_target``). ``rel_err_Sigma_soft`` is always the
+    error against Sigma*."""
     rng = np.random.default_rng(seed)
     states = (env.init_std * rng.standard_normal((num_states, len(env.A)))).astype(np.float32)
     repeated = np.repeat(states, samples_per_state, axis=0)
@@ -45,6 +51,9 @@ def lqr_report(algorithm: Algorithm, env: LQREnvConfig, gamma: float, num_states
     K, bias, Sigma = fit_linear_gaussian(states, actions.astype(np.float64))
     alpha = algorithm.alpha
     optimum = soft_lqr_solution(env.A, env.B, env.Q, env.R, gamma, alpha)
+    path_optimum = getattr(algorithm, "path_optimum_covariance", None)
+    target = "soft_optimum" if path_optimum is None else "path_density_optimum"
+    Sigma_target = optimum.Sigma if path_optimum is None else path_optimum(optimum.H_uu, alpha)
 
     def rel_err(estimate: np.ndarray, truth: np.ndarray) -> float:
         return float(np.linalg.norm(estimate - truth) / np.linalg.norm(truth))
@@ -58,8 +67,11 @@ def lqr_report(algorithm: Algorithm, env: LQREnvConfig, gamma: float, num_states
         "K_star": optimum.K.tolist(),
         "Sigma_star": optimum.Sigma.tolist(),
         "P": optimum.P.tolist(),
+        "target": target,
+        "Sigma_target": np.asarray(Sigma_target).tolist(),
         "rel_err_K": rel_err(K, optimum.K),
-        "rel_err_Sigma": rel_err(Sigma, optimum.Sigma),
+        "rel_err_Sigma": rel_err(Sigma, Sigma_target),
+        "rel_err_Sigma_soft": rel_err(Sigma, optimum.Sigma),
         "num_states": num_states,
         "samples_per_state": samples_per_state,
     }

@@ -83,8 +83,11 @@ def test_lqr_report_of_the_soft_optimal_policy(alpha):
     optimum = soft_lqr_solution(SYSTEM["A"], SYSTEM["B"], SYSTEM["Q"], SYSTEM["R"], GAMMA, alpha)
     policy = LinearGaussianPolicy(optimum.K, optimum.Sigma, alpha)
     report = lqr_report(policy, env_config(init_std=2.0), GAMMA, num_states=1024, samples_per_state=16, seed=3)
-    assert set(report) == {"alpha", "gamma", "K", "Sigma", "bias", "K_star", "Sigma_star", "P", "rel_err_K",
-                           "rel_err_Sigma", "num_states", "samples_per_state"}
+    assert set(report) == {"alpha", "gamma", "K", "Sigma", "bias", "K_star", "Sigma_star", "P", "target",
+                           "Sigma_target", "rel_err_K", "rel_err_Sigma", "rel_err_Sigma_soft", "num_states",
+                           "samples_per_state"}
+    assert report["target"] == "soft_optimum" and report["Sigma_target"] == report["Sigma_star"]
+    assert report["rel_err_Sigma_soft"] == report["rel_err_Sigma"]
     assert (report["alpha"], report["gamma"]) == (alpha, GAMMA)
     assert (report["num_states"], report["samples_per_state"]) == (1024, 16)
     # The optimum is the closed form at the policy's own alpha: Sigma* scales with alpha, K* does not.
@@ -121,3 +124,24 @@ def test_lqr_report_is_reproducible_by_seed():
     reports = [lqr_report(LinearGaussianPolicy(optimum.K, optimum.Sigma, 0.05, seed=1), env_config(), GAMMA,
                           num_states=64, samples_per_state=4, seed=seed) for seed in (0, 0, 1)]
     assert reports[0] == reports[1] and reports[0]["K"] != reports[2]["K"]
+
+
+class PathDensityPolicy(LinearGaussianPolicy):
+    """Stands in for SAC Flow: its objective's optimum covariance on the LQR is (K alpha / 2) diag(H_uu)^-1
+    (docs/algorithms.md, "SAC Flow's optimum on the LQR"), here with K = 4 flow steps."""
+
+    def path_optimum_covariance(self, hessian, alpha):
+        return np.diag(4 * alpha / (2 * np.diag(hessian)))
+
+
+def test_lqr_report_measures_sac_flow_against_its_path_density_optimum_and_also_against_the_soft_one():
+    alpha = 0.05
+    optimum = soft_lqr_solution(SYSTEM["A"], SYSTEM["B"], SYSTEM["Q"], SYSTEM["R"], GAMMA, alpha)
+    path_sigma = 4 * optimum.Sigma  # one action: diag(H_uu) = H_uu, so the path optimum is 4 Sigma*
+    policy = PathDensityPolicy(optimum.K, path_sigma, alpha)
+    report = lqr_report(policy, env_config(), GAMMA, num_states=1024, samples_per_state=16)
+    assert report["target"] == "path_density_optimum"
+    np.testing.assert_allclose(report["Sigma_target"], path_sigma, rtol=1e-12)
+    np.testing.assert_allclose(report["Sigma_star"], optimum.Sigma, rtol=1e-12)
+    assert report["rel_err_K"] < 0.02 and report["rel_err_Sigma"] < 0.05
+    assert report["rel_err_Sigma_soft"] == pytest.approx(3.0, abs=0.15)  # 4 Sigma* against Sigma*

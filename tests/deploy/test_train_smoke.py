@@ -153,8 +153,10 @@ def test_smoke_checkpoints(run):
 def test_smoke_lqr_json(run):
     config, run_dir, summary = run
     report = json.loads((run_dir / "lqr.json").read_text())
-    assert set(report) == {"alpha", "gamma", "K", "Sigma", "bias", "K_star", "Sigma_star", "P", "rel_err_K",
-                           "rel_err_Sigma", "num_states", "samples_per_state"}
+    assert set(report) == {"alpha", "gamma", "K", "Sigma", "bias", "K_star", "Sigma_star", "P", "target",
+                           "Sigma_target", "rel_err_K", "rel_err_Sigma", "rel_err_Sigma_soft", "num_states",
+                           "samples_per_state"}
+    assert report["target"] == "soft_optimum"
     assert (report["num_states"], report["samples_per_state"]) == (2048, 32) and len(report["bias"]) == 1
     K, Sigma = np.array(report["K"]), np.array(report["Sigma"])
     K_star, Sigma_star = np.array(report["K_star"]), np.array(report["Sigma_star"])
