@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from softflow.actors.fragment import Fragment
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
-from softflow.algorithms import make_algorithm
+from softflow.algorithms import Algorithm, make_algorithm
 
 Weights = tuple[int, dict[str, Any]]
 
@@ -35,8 +36,9 @@ class RolloutActor:
     """
 
     def __init__(self, env_config, algorithm_config, envs_per_actor: int, candidates: int, seed: int,
-                 exploration_noise: float = 0.0):
-        torch.set_num_threads(1)
+                 exploration_noise: float = 0.0, threads: int | None = 1):
+        if threads is not None:  # None: sharing a process (serial mode), whose thread count stays
+            torch.set_num_threads(threads)
         self.worker = RolloutWorker(lambda i: make_env(env_config), envs_per_actor, self._act, seed,
                                     exploration_noise)
         low, high = self.worker.action_space.low.reshape(-1), self.worker.action_space.high.reshape(-1)
@@ -144,18 +146,26 @@ class ReplayActor:
 
 
 class Evaluator:
-    """Runs evaluation episodes with given weights in its own process, so training never stops for them."""
+    """Runs evaluation episodes with given weights in its own process, so training never stops for them.
+
+    ``task_metrics(algorithm)`` adds the task's own figures to each evaluation (the LQR's distance to the soft
+    optimum)."""
 
     def __init__(self, env_config, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray,
-                 candidates: int, seed: int):
-        torch.set_num_threads(1)
+                 candidates: int, seed: int, threads: int | None = 1,
+                 task_metrics: Callable[[Algorithm], dict[str, float]] | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.env = make_env(env_config)
         self.algorithm = make_algorithm(algorithm_config, obs_dim, low, high, "cpu")
         self.candidates = candidates
         self.seed = seed
+        self.task_metrics = task_metrics
 
     def evaluate(self, weights: Weights, episodes: int) -> dict[str, float]:
         version, state = weights
         self.algorithm.load_policy_weights(state)
         result = evaluate_algorithm(self.env, self.algorithm, self.candidates, episodes, self.seed)
+        if self.task_metrics is not None:
+            result |= self.task_metrics(self.algorithm)
         return {**result, "eval/policy_version": version}

@@ -24,7 +24,7 @@ import math
 import pickle
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import ray
@@ -38,7 +38,7 @@ from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, checkpoint_meta
 from softflow.learner.learner import Learner, learner_device
-from softflow.learner.remote import LearnerActor
+from softflow.learner.remote import LearnerActor, RemoteReplay
 
 PREFILL = 10_000
 PUBLISH_REPEATS = 20
@@ -152,8 +152,8 @@ def _learner_rates(c: ExperimentConfig, buffer: ReplayBuffer, replay, obs_dim: i
     torch.set_num_threads(threads_before)
     gpus = 0.0 if device.type == "cpu" else 1.0
     learner_actor = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus).remote(
-        c.algorithm, obs_dim, low, high, gpus, replay, c.algorithm.batch_size, c.learner.batches_per_request,
-        c.seed, checkpoint_meta(c, obs_dim, low, high), None, c.learner.num_cpus)
+        c.algorithm, obs_dim, low, high, RemoteReplay(replay, c.learner.batches_per_request, c.algorithm.batch_size),
+        c.seed, checkpoint_meta(c, obs_dim, low, high), num_gpus=gpus, threads=_learner_threads(c), share=ray.put)
     inside = rate(lambda: ray.get(learner_actor.train.remote(c.learner.publish_every, 0.0))["updates"], seconds)
     return {"alone_updates_per_s": alone, "runtime_updates_per_s": inside, "ratio": inside / alone}, learner_actor
 

@@ -42,8 +42,6 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {run_dir}: no checkpoint there (expected {run_dir}/checkpoints/latest.pt); "
                               f"give the run directory of a run that wrote a checkpoint")
         config = load_experiment(run_dir / "config.yaml", overrides)
-        if config.actors.count == 0:
-            raise ConfigError("--resume works with the Ray runtime (actors.count >= 1); serial runs start afresh")
     elif args.experiment is None:
         raise ConfigError("give an experiment file (e.g. cluster/experiments/inverted-pendulum.yaml) "
                           "or --resume RUN_DIR")

@@ -1,10 +1,13 @@
-"""The distributed runtime: rollout actors, a replay actor, a learner and an evaluator on Ray, driven from here.
+"""The training loop: rollout actors, a replay actor, a learner and an evaluator, driven from here.
+
+One loop for both layouts of processes.py: on Ray (each part its own process, calls concurrent) and in this process
+(serial mode, ``actors.count: 0``: each call runs when it is made). The rate limiter, checkpoints, metrics, task
+reports and ``--resume`` are therefore the same in both.
 
 Data flow (docs/architecture.md): each rollout actor returns a fragment and a summary; the driver owns the
-fragment's object and
-hands its reference to the replay actor, so transitions never pass through the driver and a dead actor takes no
-stored data with it. The learner pulls batches from the replay actor (two requests in flight) and, every
-``learner.publish_every`` updates, puts its weights into the object store once; the driver passes the newest
+fragment's object and hands its reference to the replay actor, so transitions never pass through the driver and a
+dead actor takes no stored data with it. The learner pulls batches from the replay actor (two requests in flight)
+and, every ``learner.publish_every`` updates, puts its weights into the object store once; the driver passes the newest
 reference to each actor with its next fragment request, so acting never waits for weights. The replay actor's rate
 limiter holds ``replay.updates_per_step``: the learner waits when it is ahead, and the driver holds actors back when
 they are. Actors that die are restarted by Ray (``max_restarts``) and rejoin with the current weights. A replay
@@ -18,25 +21,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
 
+from softflow.actors.envs import LQREnvConfig
 from softflow.actors.evaluate import episode_info_means
 from softflow.actors.rate_limiter import SampleToInsertRatio
-from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
-from softflow.algorithms import make_algorithm
+from softflow.algorithms import Algorithm, make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
-from softflow.deploy.placement import Topology, learner_gpus
-from softflow.deploy.reports import needs_task_report, task_report
-from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, LearnerActor
+from softflow.deploy.processes import LocalProcesses, RayProcesses
+from softflow.deploy.reports import lqr_report, needs_task_report, task_report
+from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT
 
-RUNS_IN_FLIGHT_PER_ACTOR = 2
 WAIT_TIMEOUT_S = 0.05
-ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 
 
 class LearnerDied(RunStopped):
@@ -70,7 +70,8 @@ class ActorSlot:
 def ratio_tolerance(config: ExperimentConfig) -> float:
     """``replay.ratio_tolerance``, checked against deadlock, or by default room for every actor's in-flight runs
     on the insert side and every in-flight sample request on the learner's side (at least the deadlock-free
-    minimum of :meth:`SampleToInsertRatio.min_error_buffer`)."""
+    minimum of :meth:`SampleToInsertRatio.min_error_buffer`). Serial mode needs only that minimum, for samples of
+    one batch (:class:`~softflow.learner.remote.LocalReplay`), so it holds the ratio to within one update."""
     c = config
     insert_chunk = c.actors.fragment_length * c.actors.envs_per_actor
     minimum = SampleToInsertRatio.min_error_buffer(c.replay.updates_per_step, c.learner.learning_starts,
@@ -82,50 +83,59 @@ def ratio_tolerance(config: ExperimentConfig) -> float:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return c.replay.ratio_tolerance
-    runs = c.actors.count * RUNS_IN_FLIGHT_PER_ACTOR
+    if c.actors.count == 0:  # serial mode: nothing runs concurrently and the learner takes what the limiter allows
+        return SampleToInsertRatio.min_error_buffer(c.replay.updates_per_step, c.learner.learning_starts,
+                                                    insert_chunk, 1)
+    runs = c.actors.count * RayProcesses.runs_in_flight
     return max(minimum, runs * insert_chunk * c.replay.updates_per_step
                + SAMPLE_REQUESTS_IN_FLIGHT * c.learner.batches_per_request)
+
+
+def lqr_distance(env: LQREnvConfig, gamma: float, seed: int, algorithm: Algorithm) -> dict[str, float]:
+    """The learned policy's distance to the soft LQR optimum, for every evaluation (a cheaper fit than the final
+    report's lqr.json: 512 states, 16 samples each)."""
+    fit = lqr_report(algorithm, env, gamma, 512, 16, seed)
+    return {"eval/lqr_rel_err_K": fit["rel_err_K"], "eval/lqr_rel_err_Sigma": fit["rel_err_Sigma"]}
+
+
+def evaluation_task_metrics(config: ExperimentConfig) -> Callable[[Algorithm], dict[str, float]] | None:
+    """What the evaluator adds to each evaluation for this experiment's task (the LQR's distance), or None."""
+    if isinstance(config.env, LQREnvConfig):
+        return partial(lqr_distance, config.env, config.algorithm.gamma, config.seed)
+    return None
 
 
 class Runtime:
     """Builds the actors of one run and drives them until the env-step budget is spent."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False):
+    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False,
+                 processes: RayProcesses | LocalProcesses | None = None):
         self.config = config
         self.run_dir = run_dir
         self.checkpoint_path = run_dir / "checkpoints" / "latest.pt"
         self.counters = Counters(next_log=config.log_every_steps, next_eval=config.eval.every_steps,
                                  next_checkpoint=config.learner.checkpoint_every)
-        gpus = learner_gpus(config)
-        self.topology = Topology(config, gpus)
         c = config
-        self.slots = [ActorSlot(ray.remote(RolloutActor).options(
-            num_cpus=c.actors.num_cpus, resources=c.actors.resources, max_restarts=-1, max_task_retries=0,
-            **self.topology.actor(i)).remote(
-            c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates, c.seed + 1000 * i,
-            c.actors.exploration_noise))
-            for i in range(c.actors.count)]
-        self.obs_dim, self.low, self.high = ray.get(self.slots[0].handle.spaces.remote())
-        act_dim = len(self.low)
-        tolerance = ratio_tolerance(c)
-        self.replay = ray.remote(ReplayActor).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
-                                                      **self.topology.learner()).remote(
-            c.replay.capacity, self.obs_dim, act_dim, c.replay.updates_per_step, c.learner.learning_starts,
-            tolerance, c.seed, str(run_dir / "checkpoints" / "replay.npz"))
-        self.learner = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus,
-                                                        resources=c.learner.resources, max_restarts=0,
-                                                        **self.topology.learner()).remote(
-            c.algorithm, self.obs_dim, self.low, self.high, gpus, self.replay, c.algorithm.batch_size,
-            c.learner.batches_per_request, c.seed, checkpoint_meta(c, self.obs_dim, self.low, self.high),
-            str(self.checkpoint_path) if resume else None, c.learner.num_cpus, c.learner.compile)
-        self.evaluator = ray.remote(Evaluator).options(num_cpus=0, **self.topology.learner()).remote(
-            c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates, c.seed + 10_000)
-        described = ray.get(self.learner.describe.remote())
+        self.processes = p = processes or (RayProcesses(c) if c.actors.count > 0 else LocalProcesses(c))
+        self.slots = [ActorSlot(p.rollout_actor(i, c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates,
+                                                c.seed + 1000 * i, c.actors.exploration_noise))
+                      for i in range(p.rollout_actors)]
+        self.obs_dim, self.low, self.high = p.get(self.slots[0].handle.spaces.remote())
+        self.replay = p.replay(c.replay.capacity, self.obs_dim, len(self.low), c.replay.updates_per_step,
+                               c.learner.learning_starts, ratio_tolerance(c), c.seed,
+                               str(run_dir / "checkpoints" / "replay.npz"))
+        self.learner = p.learner(c.algorithm, self.obs_dim, self.low, self.high,
+                                 p.replay_client(self.replay, c.learner.batches_per_request, c.algorithm.batch_size),
+                                 c.seed, checkpoint_meta(c, self.obs_dim, self.low, self.high),
+                                 str(self.checkpoint_path) if resume else None, c.learner.compile)
+        self.evaluator = p.evaluator(c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates,
+                                     c.seed + 10_000, task_metrics=evaluation_task_metrics(c))
+        described = p.get(self.learner.describe.remote())
         self.device = described["device"]
         if resume:
             self.counters = Counters(**described["driver"])
-        self.weights = ray.get(self.learner.publish.remote())
-        self.status = ray.get(self.replay.status.remote())
+        self.weights = p.get(self.learner.publish.remote())
+        self.status = p.get(self.replay.status.remote())
         self.counters.env_steps = int(self.status["replay/inserts"])
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -141,40 +151,43 @@ class Runtime:
         window = Window()
         while n.env_steps < c.total_env_steps:
             for slot in self.slots:
-                while (len(slot.runs) < RUNS_IN_FLIGHT_PER_ACTOR and n.env_steps + pending < c.total_env_steps
+                while (len(slot.runs) < self.processes.runs_in_flight and n.env_steps + pending < c.total_env_steps
                        and self.status["insert_allowance"] - pending >= chunk):
                     random_actions = n.env_steps + pending < c.learner.learning_starts
                     self._submit(slot, random_actions)
                     pending += chunk
             if not adds and all(not s.runs for s in self.slots) and status_task is None:
                 status_task = self.replay.status.remote()
-            if eval_task is None and c.eval.episodes and n.env_steps >= n.next_eval:
-                eval_task = self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes)
-                n.next_eval += c.eval.every_steps
             waiting = [learner_task, *adds, *(r for s in self.slots for r in s.runs)]
             waiting += [t for t in (eval_task, status_task) if t is not None]
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_TIMEOUT_S)
+            ready = self.processes.wait(waiting, WAIT_TIMEOUT_S)
             for ref in ready:
                 if ref is learner_task:
                     window.learner(self._learner_result(learner_task))
                     learner_task = self._train_learner()
                 elif ref is eval_task:
-                    window.metrics |= ray.get(eval_task)
+                    window.metrics |= self.processes.get(eval_task)
                     eval_task = None
                 elif ref is status_task:
-                    self.status = ray.get(status_task)
+                    self.status = self.processes.get(status_task)
                     status_task = None
                 elif ref in adds:
-                    self.status = ray.get(ref)
+                    self.status = self.processes.get(ref)
                     transitions = adds.pop(ref)
                     pending -= transitions
                     n.env_steps += transitions
                 else:
                     pending -= self._run_finished(ref, adds, window)
+            if eval_task is None and c.eval.episodes and n.env_steps >= n.next_eval:
+                eval_task = self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes)
+                n.next_eval += c.eval.every_steps
             if n.updates >= n.next_checkpoint:
                 self.checkpoint()
                 n.next_checkpoint += c.learner.checkpoint_every
             if n.env_steps >= n.next_log or n.env_steps >= c.total_env_steps:
+                if eval_task is not None and self.processes.wait([eval_task], 0):  # a finished evaluation joins
+                    window.metrics |= self.processes.get(eval_task)
+                    eval_task = None
                 report(n.env_steps, window.report(self.weights[0], self.status, n))
                 window = Window()
                 n.next_log += c.log_every_steps
@@ -196,8 +209,8 @@ class Runtime:
         slot = next(s for s in self.slots if summary_ref in s.runs)
         fragment_ref, epoch, transitions = slot.runs.pop(summary_ref)
         try:
-            summary = ray.get(summary_ref)
-        except ACTOR_ERRORS:
+            summary = self.processes.get(summary_ref)
+        except self.processes.errors:
             if epoch == slot.epoch:  # the first failed run of this incarnation: one restart
                 self.counters.restarts += 1
                 slot.epoch += 1
@@ -214,8 +227,8 @@ class Runtime:
 
     def _learner_result(self, task) -> dict[str, Any]:
         try:
-            result = ray.get(task)
-        except ACTOR_ERRORS as exc:
+            result = self.processes.get(task)
+        except self.processes.errors as exc:
             raise LearnerDied(f"the learner process died ({type(exc).__name__}); the run stopped at "
                               f"{self.counters.env_steps} env steps. Continue it with: softflow train --resume "
                               f"{self.run_dir}") from None
@@ -226,7 +239,7 @@ class Runtime:
 
     def checkpoint(self) -> None:
         """The learner writes networks, optimisers and the driver's counters; the replay actor its buffer."""
-        ray.get([self.learner.save_checkpoint.remote(str(self.checkpoint_path), asdict(self.counters)),
+        self.processes.get([self.learner.save_checkpoint.remote(str(self.checkpoint_path), asdict(self.counters)),
                  self.replay.save.remote()])
 
     def finish(self) -> dict[str, Any]:
@@ -237,25 +250,20 @@ class Runtime:
                                    "replay/lost_transitions": self.counters.env_steps - self.status["replay/inserts"],
                                    "learner/device": self.device}
         if c.eval.episodes:
-            summary |= ray.get(self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes))
-        summary["placement"] = self.placement()
+            summary |= self.processes.get(self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes))
+        summary["placement"] = self.processes.placement(self.learner, self.replay, [s.handle for s in self.slots])
         if needs_task_report(c):
             algorithm = make_algorithm(c.algorithm, self.obs_dim, self.low, self.high, "cpu")
-            algorithm.load_policy_weights(ray.get(self.weights[1])[1])
+            algorithm.load_policy_weights(self.processes.get(self.weights[1])[1])
             summary |= task_report(algorithm, c, self.run_dir)
         return summary
 
     def close(self) -> None:
         """Releases the run's placement group (its actors end with it)."""
-        self.topology.remove()
-
-    def placement(self) -> dict[str, Any]:
-        """The Ray node of the learner, the replay actor and each rollout actor."""
-        return {"learner": ray.get(self.learner.node_id.remote()), "replay": ray.get(self.replay.node_id.remote()),
-                "actors": ray.get([s.handle.node_id.remote() for s in self.slots])}
+        self.processes.close()
 
     def actor_pids(self) -> list[int]:
-        return ray.get([s.handle.pid.remote() for s in self.slots])
+        return self.processes.get([s.handle.pid.remote() for s in self.slots])
 
 
 class Window:

@@ -7,10 +7,10 @@ calls ``train`` again and again; each call runs up to ``publish_every`` updates,
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,47 +25,19 @@ SAMPLE_REQUESTS_IN_FLIGHT = 2
 WAIT_POLL_S = 0.002
 
 
-class LearnerActor:
-    """The learner loop of the runtime; ``replay`` is the replay actor's handle. Torch uses ``ceil(num_cpus)``
-    threads (Ray's default for an actor is one)."""
+class RemoteReplay:
+    """Batches from the replay actor through Ray, ``SAMPLE_REQUESTS_IN_FLIGHT`` requests ahead of the learner.
+    The replay actor answers ``None`` while its rate limiter holds the learner back; then this polls."""
 
-    def __init__(self, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray, num_gpus: float | str,
-                 replay, batch_size: int, batches_per_request: int, seed: int, meta: dict[str, Any],
-                 checkpoint: str | None = None, num_cpus: float = 1.0, compile_mode: str = "none"):
-        torch.set_num_threads(max(1, math.ceil(num_cpus)))
-        torch.manual_seed(seed)
-        self.device = learner_device(num_gpus)
-        self.algorithm = make_algorithm(algorithm_config, obs_dim, low, high, self.device)
-        self.learner = Learner(self.algorithm, self.device, compile_mode)
+    def __init__(self, replay, batches_per_request: int, batch_size: int):
         self.replay = replay
-        self.batch_size = batch_size
         self.batches_per_request = batches_per_request
-        self.version = 0
-        self.meta = meta
-        self.extra: dict[str, Any] = {}
-        if checkpoint is not None:
-            state = load_checkpoint(Path(checkpoint), self.device)
-            self.algorithm.load_state_dict(state["algorithm"])
-            self.learner.num_updates = state["updates"]
-            self.version = state["version"]
-            self.extra = state["driver"]
+        self.batch_size = batch_size
         self.requests: deque = deque()
         self.wait_s = 0.0
-        self.update_s = 0.0
 
-    def describe(self) -> dict[str, Any]:
-        """Where the learner runs, and the driver's counters restored from a checkpoint."""
-        name = str(self.device) if self.device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(self.device)})"
-        return {"device": name, "updates": self.learner.num_updates, "version": self.version, "driver": self.extra}
-
-    def publish(self) -> list:
-        """``[version, reference]``: the weights actors need, put once into the object store (kept in a list so
-        that Ray hands the driver the reference, not the value)."""
-        self.version += 1
-        return [self.version, ray.put((self.version, self.algorithm.policy_weights()))]
-
-    def _next_batches(self, deadline: float) -> dict[str, np.ndarray] | None:
-        """The next batches from the replay actor, keeping requests in flight; None if none came by ``deadline``."""
+    def next_batches(self, deadline: float) -> dict[str, np.ndarray] | None:
+        """The next batches, keeping requests in flight; None if none came by ``deadline``."""
         while True:
             while len(self.requests) < SAMPLE_REQUESTS_IN_FLIGHT:
                 self.requests.append(self.replay.sample.remote(self.batches_per_request, self.batch_size))
@@ -78,24 +50,79 @@ class LearnerActor:
             if time.perf_counter() > deadline:
                 return None
 
+
+class LocalReplay:
+    """Batches from a replay actor in this process (serial mode): as many as the rate limiter allows, up to
+    ``batches_per_request``, and ``None`` at once when it allows none, since nothing can insert while the learner
+    waits."""
+
+    def __init__(self, replay, batches_per_request: int, batch_size: int):
+        self.replay = replay
+        self.batches_per_request = batches_per_request
+        self.batch_size = batch_size
+        self.wait_s = 0.0
+
+    def next_batches(self, deadline: float) -> dict[str, np.ndarray] | None:
+        allowed = min(self.batches_per_request, self.replay.limiter.sample_allowance())
+        return self.replay.sample(allowed, self.batch_size) if allowed else None
+
+
+class LearnerActor:
+    """The learner loop of the runtime, fed by ``replay`` (a :class:`RemoteReplay` or :class:`LocalReplay`).
+    ``threads``: torch's thread count in this process (None leaves it, when the process is shared); ``share``
+    puts the published weights where the actors can read them (``ray.put``, or nothing in one process)."""
+
+    def __init__(self, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray,
+                 replay: RemoteReplay | LocalReplay, seed: int, meta: dict[str, Any], checkpoint: str | None = None,
+                 compile_mode: str = "none", *, num_gpus: float | str, threads: int | None,
+                 share: Callable[[Any], Any]):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.device = learner_device(num_gpus)
+        self.algorithm = make_algorithm(algorithm_config, obs_dim, low, high, self.device)
+        self.learner = Learner(self.algorithm, self.device, compile_mode)
+        self.replay = replay
+        self.share = share
+        self.version = 0
+        self.meta = meta
+        self.extra: dict[str, Any] = {}
+        if checkpoint is not None:
+            state = load_checkpoint(Path(checkpoint), self.device)
+            self.algorithm.load_state_dict(state["algorithm"])
+            self.learner.num_updates = state["updates"]
+            self.version = state["version"]
+            self.extra = state["driver"]
+
+    def describe(self) -> dict[str, Any]:
+        """Where the learner runs, and the driver's counters restored from a checkpoint."""
+        name = str(self.device) if self.device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return {"device": name, "updates": self.learner.num_updates, "version": self.version, "driver": self.extra}
+
+    def publish(self) -> list:
+        """``[version, reference]``: the weights actors need, shared once (kept in a list so that Ray hands the
+        driver the reference, not the value)."""
+        self.version += 1
+        return [self.version, self.share((self.version, self.algorithm.policy_weights()))]
+
     def train(self, max_updates: int, progress: float, max_seconds: float = 1.0) -> dict[str, Any]:
         """Up to ``max_updates`` updates (fewer if the rate limiter holds the learner for ``max_seconds``), then one
         weight publication. ``progress`` (0..1 of the env-step budget) drives learning-rate schedules."""
         self.algorithm.set_progress(progress)
         start = time.perf_counter()
-        self.wait_s = 0.0
+        self.replay.wait_s = 0.0
         done, totals = 0, {}
         while done < max_updates:
-            batches = self._next_batches(start + max_seconds)
+            batches = self.replay.next_batches(start + max_seconds)
             if batches is None:
                 break
             metrics = self.learner.update(batches)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * len(batches["rewards"])
             done += len(batches["rewards"])
-        elapsed = time.perf_counter() - start
+        elapsed = max(time.perf_counter() - start, 1e-9)
         metrics = {key: value / done for key, value in totals.items()} if done else {}
-        metrics |= {"learner/updates": self.learner.num_updates, "learner/wait_fraction": self.wait_s / elapsed}
+        metrics |= {"learner/updates": self.learner.num_updates, "learner/wait_fraction": self.replay.wait_s / elapsed}
         return {"updates": done, "seconds": elapsed, "metrics": metrics,
                 "weights": self.publish() if done else None}
 
@@ -105,9 +132,6 @@ class LearnerActor:
         save_checkpoint(Path(path), {**self.meta, "algorithm": self.algorithm.state_dict(),
                                      "updates": self.learner.num_updates, "version": self.version,
                                      "driver": driver_state, "torch_rng": torch.get_rng_state()})
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.algorithm.state_dict()
 
     def pid(self) -> int:
         return os.getpid()

@@ -1,0 +1,166 @@
+"""Where the parts of a run live: each in its own Ray process, or all in this one (serial mode).
+
+The runtime (runtime.py) is one loop written against Ray's actor API: ``handle.method.remote(...)`` starts a call
+and returns a future, ``get`` reads it, ``wait`` says which futures are done, ``put`` shares a value. Two process
+layouts supply it (Acme's same agent, local or distributed; Sample Factory's serial mode):
+
+- :class:`RayProcesses`: a rollout actor, the replay actor, the learner and the evaluator are Ray actors, placed by
+  the run's placement group (placement.py), with their restart policies; calls run concurrently.
+- :class:`LocalProcesses` (``actors.count: 0``): the same classes as plain objects in this process; a call runs to
+  completion when it is made and returns a finished future, so the loop steps the environment, fills the replay
+  buffer and updates in turn, deterministically. Nothing of Ray is started.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
+from softflow.deploy.config import ExperimentConfig
+from softflow.deploy.placement import Topology, learner_gpus
+from softflow.learner.remote import LearnerActor, LocalReplay, RemoteReplay
+
+
+class RayProcesses:
+    """Every part in its own Ray actor, inside the run's placement group."""
+
+    errors = (RayActorError, ActorUnavailableError)  # what a call to a dead actor raises
+    runs_in_flight = 2  # per rollout actor: the next run is queued while the driver handles the last
+    get = staticmethod(ray.get)
+    put = staticmethod(ray.put)
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.gpus = learner_gpus(config)
+        self.topology = Topology(config, self.gpus)
+
+    @property
+    def rollout_actors(self) -> int:
+        return self.config.actors.count
+
+    @staticmethod
+    def wait(futures: list, timeout: float) -> list:
+        return ray.wait(futures, num_returns=1, timeout=timeout)[0]
+
+    def rollout_actor(self, index: int, *args: Any):
+        c = self.config.actors
+        return ray.remote(RolloutActor).options(
+            num_cpus=c.num_cpus, resources=c.resources, max_restarts=-1, max_task_retries=0,
+            **self.topology.actor(index)).remote(*args, threads=1)
+
+    def replay(self, *args: Any):
+        return ray.remote(ReplayActor).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                               **self.topology.learner()).remote(*args)
+
+    def replay_client(self, replay, batches_per_request: int, batch_size: int) -> RemoteReplay:
+        return RemoteReplay(replay, batches_per_request, batch_size)
+
+    def learner(self, *args: Any, **kwargs: Any):
+        c = self.config.learner
+        return ray.remote(LearnerActor).options(
+            num_cpus=c.num_cpus, num_gpus=self.gpus, resources=c.resources, max_restarts=0,
+            **self.topology.learner()).remote(*args, num_gpus=self.gpus, threads=max(1, math.ceil(c.num_cpus)),
+                                              share=ray.put, **kwargs)
+
+    def evaluator(self, *args: Any, **kwargs: Any):
+        return ray.remote(Evaluator).options(num_cpus=0, **self.topology.learner()).remote(*args, threads=1,
+                                                                                           **kwargs)
+
+    def placement(self, learner, replay, actors: list) -> dict[str, Any]:
+        """The Ray node of the learner, the replay actor and each rollout actor."""
+        return {"learner": ray.get(learner.node_id.remote()), "replay": ray.get(replay.node_id.remote()),
+                "actors": ray.get([a.node_id.remote() for a in actors])}
+
+    def close(self) -> None:
+        """Releases the run's placement group (its actors end with it)."""
+        self.topology.remove()
+
+
+class Finished:
+    """The future of a call that has already run in this process."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _resolve(value: Any) -> Any:
+    return value.value if isinstance(value, Finished) else value
+
+
+class _LocalMethod:
+    def __init__(self, method, num_returns: int = 1):
+        self.method, self.num_returns = method, num_returns
+
+    def options(self, num_returns: int = 1) -> _LocalMethod:
+        return _LocalMethod(self.method, num_returns)
+
+    def remote(self, *args: Any, **kwargs: Any):
+        result = self.method(*map(_resolve, args), **{k: _resolve(v) for k, v in kwargs.items()})
+        return Finished(result) if self.num_returns == 1 else tuple(Finished(r) for r in result)
+
+
+class LocalHandle:
+    """A plain object behind Ray's call syntax: ``handle.method.remote(*args)`` runs the method now."""
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self.target, name))
+
+
+class LocalProcesses:
+    """Every part as a plain object in this process (serial mode: one rollout worker, no Ray)."""
+
+    errors: tuple = ()  # nothing in this process dies on its own
+    rollout_actors = 1
+    runs_in_flight = 1
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.gpus = config.learner.num_gpus
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+
+    @staticmethod
+    def get(future: Any) -> Any:
+        return [_resolve(f) for f in future] if isinstance(future, list) else _resolve(future)
+
+    @staticmethod
+    def put(value: Any) -> Any:
+        return value
+
+    @staticmethod
+    def wait(futures: list, timeout: float) -> list:
+        return futures  # every call has finished when it returns
+
+    def rollout_actor(self, index: int, *args: Any) -> LocalHandle:
+        return LocalHandle(RolloutActor(*args, threads=None))
+
+    def replay(self, *args: Any) -> LocalHandle:
+        return LocalHandle(ReplayActor(*args))
+
+    def replay_client(self, replay: LocalHandle, batches_per_request: int, batch_size: int) -> LocalReplay:
+        return LocalReplay(replay.target, batches_per_request, batch_size)
+
+    def learner(self, *args: Any, **kwargs: Any) -> LocalHandle:
+        return LocalHandle(LearnerActor(*args, num_gpus=self.gpus, threads=None, share=self.put, **kwargs))
+
+    def evaluator(self, *args: Any, **kwargs: Any) -> LocalHandle:
+        return LocalHandle(Evaluator(*args, threads=None, **kwargs))
+
+    def placement(self, learner, replay, actors: list) -> dict[str, Any]:
+        return {"learner": "this process", "replay": "this process", "actors": ["this process"]}
+
+    def close(self) -> None:
+        pass
