@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,35 @@ from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import Algorithm, make_algorithm
 
-Weights = tuple[int, dict[str, Any]]
+Weights = tuple[int, dict[str, Any]]  # (version, the tensors actors load): what the learner publishes
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What the driver reads of a rollout run (the fragment itself goes to the replay actor by reference)."""
+
+    transitions: int
+    policy_version: int
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    episode_infos: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ReplayStatus:
+    """The replay actor's counters and rates since its last status, and how many transitions it accepts now."""
+
+    size: int
+    inserts: int
+    samples: int
+    inserts_per_s: float
+    samples_per_s: float
+    insert_allowance: int
+
+    def metrics(self) -> dict[str, float]:
+        """The ``replay/`` metrics."""
+        return {"replay/size": self.size, "replay/inserts": self.inserts, "replay/samples": self.samples,
+                "replay/inserts_per_s": self.inserts_per_s, "replay/samples_per_s": self.samples_per_s}
 
 
 class RolloutActor:
@@ -60,15 +89,13 @@ class RolloutActor:
         self.worker.policy_version = version
 
     def run(self, num_steps: int, random_actions: bool, weights: Weights | None = None
-            ) -> tuple[Fragment, dict[str, Any]]:
+            ) -> tuple[Fragment, RunSummary]:
         """Loads ``weights`` when given (between fragments), then steps ``num_steps`` times per environment."""
         if weights is not None:
             self.set_weights(weights)
         fragment = self.worker.run(num_steps, random_actions=random_actions)
-        summary = {"transitions": len(fragment), "policy_version": fragment.policy_version,
-                   "episode_returns": fragment.episode_returns, "episode_lengths": fragment.episode_lengths,
-                   "episode_infos": fragment.episode_infos}
-        return fragment, summary
+        return fragment, RunSummary(len(fragment), fragment.policy_version, fragment.episode_returns,
+                                    fragment.episode_lengths, fragment.episode_infos)
 
     def pid(self) -> int:
         return os.getpid()
@@ -101,7 +128,7 @@ class ReplayActor:
     def _limiter_path(self) -> Path:
         return self.save_path.with_name(self.save_path.name + ".limiter.json")
 
-    def add(self, fragment: Fragment) -> dict[str, float]:
+    def add(self, fragment: Fragment) -> ReplayStatus:
         self.buffer.add(fragment)
         self.limiter.insert(len(fragment))
         return self.status()
@@ -113,17 +140,15 @@ class ReplayActor:
         self.limiter.sample(num_batches)
         return self.buffer.sample(num_batches, batch_size)
 
-    def status(self) -> dict[str, float]:
-        """Counters and rates since the last call (``replay/`` metrics) and the current insert allowance."""
+    def status(self) -> ReplayStatus:
+        """Counters and rates since the last call, and the current insert allowance."""
         now = time.perf_counter()
         then, inserts, samples = self._mark
         elapsed = max(now - then, 1e-9)
         self._mark = (now, self.limiter.inserts, self.limiter.samples)
-        return {"replay/size": len(self.buffer), "replay/inserts": self.limiter.inserts,
-                "replay/samples": self.limiter.samples,
-                "replay/inserts_per_s": (self.limiter.inserts - inserts) / elapsed,
-                "replay/samples_per_s": (self.limiter.samples - samples) / elapsed,
-                "insert_allowance": self.limiter.insert_allowance()}
+        return ReplayStatus(len(self.buffer), self.limiter.inserts, self.limiter.samples,
+                            (self.limiter.inserts - inserts) / elapsed, (self.limiter.samples - samples) / elapsed,
+                            self.limiter.insert_allowance())
 
     def save(self) -> None:
         """Writes the buffer and the limiter's counters next to each other (each file atomically)."""
@@ -132,11 +157,6 @@ class ReplayActor:
         tmp = self._limiter_path().with_suffix(".tmp")
         tmp.write_text(json.dumps(self.limiter.state_dict()))
         os.replace(tmp, self._limiter_path())
-
-    def contents(self) -> dict[str, np.ndarray]:
-        """The stored transitions in slot order (for tests and checks)."""
-        n = len(self.buffer)
-        return {name: getattr(self.buffer, name)[:n].copy() for name in ("obs", "actions", "rewards", "terminated")}
 
     def pid(self) -> int:
         return os.getpid()

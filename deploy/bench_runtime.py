@@ -154,7 +154,7 @@ def _learner_rates(c: ExperimentConfig, buffer: ReplayBuffer, replay, obs_dim: i
     learner_actor = ray.remote(LearnerActor).options(num_cpus=c.learner.num_cpus, num_gpus=gpus).remote(
         c.algorithm, obs_dim, low, high, RemoteReplay(replay, c.learner.batches_per_request, c.algorithm.batch_size),
         c.seed, checkpoint_meta(c, obs_dim, low, high), num_gpus=gpus, threads=_learner_threads(c), share=ray.put)
-    inside = rate(lambda: ray.get(learner_actor.train.remote(c.learner.publish_every, 0.0))["updates"], seconds)
+    inside = rate(lambda: ray.get(learner_actor.train.remote(c.learner.publish_every, 0.0)).updates, seconds)
     return {"alone_updates_per_s": alone, "runtime_updates_per_s": inside, "ratio": inside / alone}, learner_actor
 
 
@@ -163,7 +163,7 @@ def _publish_latency(learner_actor, actor) -> dict:
     latencies = []
     for _ in range(PUBLISH_REPEATS):
         start = time.perf_counter()
-        _, ref = ray.get(learner_actor.publish.remote())
+        ref = ray.get(learner_actor.publish.remote()).reference
         ray.get(actor.set_weights.remote(ref))
         latencies.append((time.perf_counter() - start) * 1e3)
     return {"publish_to_pickup_ms_median": statistics.median(latencies), "publish_to_pickup_ms_max": max(latencies),

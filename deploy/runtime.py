@@ -30,11 +30,12 @@ import numpy as np
 from softflow.actors.envs import LQREnvConfig
 from softflow.actors.evaluate import episode_info_means
 from softflow.actors.rate_limiter import SampleToInsertRatio
+from softflow.actors.remote import ReplayStatus, RunSummary
 from softflow.algorithms import Algorithm, make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
 from softflow.deploy.processes import LocalProcesses, RayProcesses
 from softflow.deploy.reports import lqr_report, needs_task_report, task_report
-from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT
+from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, TrainResult
 
 WAIT_TIMEOUT_S = 0.05
 
@@ -136,7 +137,7 @@ class Runtime:
             self.counters = Counters(**described["driver"])
         self.weights = p.get(self.learner.publish.remote())
         self.status = p.get(self.replay.status.remote())
-        self.counters.env_steps = int(self.status["replay/inserts"])
+        self.counters.env_steps = self.status.inserts
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -152,7 +153,7 @@ class Runtime:
         while n.env_steps < c.total_env_steps:
             for slot in self.slots:
                 while (len(slot.runs) < self.processes.runs_in_flight and n.env_steps + pending < c.total_env_steps
-                       and self.status["insert_allowance"] - pending >= chunk):
+                       and self.status.insert_allowance - pending >= chunk):
                     random_actions = n.env_steps + pending < c.learner.learning_starts
                     self._submit(slot, random_actions)
                     pending += chunk
@@ -179,7 +180,7 @@ class Runtime:
                 else:
                     pending -= self._run_finished(ref, adds, window)
             if eval_task is None and c.eval.episodes and n.env_steps >= n.next_eval:
-                eval_task = self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes)
+                eval_task = self.evaluator.evaluate.remote(self.weights.reference, c.eval.episodes)
                 n.next_eval += c.eval.every_steps
             if n.updates >= n.next_checkpoint:
                 self.checkpoint()
@@ -188,7 +189,7 @@ class Runtime:
                 if eval_task is not None and self.processes.wait([eval_task], 0):  # a finished evaluation joins
                     window.metrics |= self.processes.get(eval_task)
                     eval_task = None
-                report(n.env_steps, window.report(self.weights[0], self.status, n))
+                report(n.env_steps, window.report(self.weights.version, self.status, n))
                 window = Window()
                 n.next_log += c.log_every_steps
         self._learner_result(learner_task)
@@ -196,8 +197,8 @@ class Runtime:
         return self.finish()
 
     def _submit(self, slot: ActorSlot, random_actions: bool) -> None:
-        weights = None if slot.version == self.weights[0] else self.weights[1]
-        slot.version = self.weights[0]
+        weights = None if slot.version == self.weights.version else self.weights.reference
+        slot.version = self.weights.version
         chunk = self.config.actors.fragment_length * self.config.actors.envs_per_actor
         fragment_ref, summary_ref = slot.handle.run.options(num_returns=2).remote(
             self.config.actors.fragment_length, random_actions, weights)
@@ -218,23 +219,23 @@ class Runtime:
             self.counters.lost_transitions += transitions
             return transitions
         adds[self.replay.add.remote(fragment_ref)] = transitions
-        window.fragment(summary, self.weights[0])
+        window.fragment(summary, self.weights.version)
         return 0
 
     def _train_learner(self):
         progress = self.counters.env_steps / self.config.total_env_steps
         return self.learner.train.remote(self.config.learner.publish_every, progress)
 
-    def _learner_result(self, task) -> dict[str, Any]:
+    def _learner_result(self, task) -> TrainResult:
         try:
             result = self.processes.get(task)
         except self.processes.errors as exc:
             raise LearnerDied(f"the learner process died ({type(exc).__name__}); the run stopped at "
                               f"{self.counters.env_steps} env steps. Continue it with: softflow train --resume "
                               f"{self.run_dir}") from None
-        self.counters.updates += result["updates"]
-        if result["weights"] is not None:
-            self.weights = result["weights"]
+        self.counters.updates += result.updates
+        if result.weights is not None:
+            self.weights = result.weights
         return result
 
     def checkpoint(self) -> None:
@@ -247,14 +248,14 @@ class Runtime:
         summary: dict[str, Any] = {"env_steps": self.counters.env_steps, "updates": self.counters.updates,
                                    "actors/restarts": self.counters.restarts,
                                    "actors/lost_transitions": self.counters.lost_transitions,
-                                   "replay/lost_transitions": self.counters.env_steps - self.status["replay/inserts"],
+                                   "replay/lost_transitions": self.counters.env_steps - self.status.inserts,
                                    "learner/device": self.device}
         if c.eval.episodes:
-            summary |= self.processes.get(self.evaluator.evaluate.remote(self.weights[1], c.eval.episodes))
+            summary |= self.processes.get(self.evaluator.evaluate.remote(self.weights.reference, c.eval.episodes))
         summary["placement"] = self.processes.placement(self.learner, self.replay, [s.handle for s in self.slots])
         if needs_task_report(c):
             algorithm = make_algorithm(c.algorithm, self.obs_dim, self.low, self.high, "cpu")
-            algorithm.load_policy_weights(self.processes.get(self.weights[1])[1])
+            algorithm.load_policy_weights(self.processes.get(self.weights.reference)[1])
             summary |= task_report(algorithm, c, self.run_dir)
         return summary
 
@@ -279,18 +280,18 @@ class Window:
         self.updates = 0
         self.transitions = 0
 
-    def fragment(self, summary: dict[str, Any], latest_version: int) -> None:
-        self.returns += summary["episode_returns"]
-        self.lengths += summary["episode_lengths"]
-        self.infos += summary["episode_infos"]
-        self.lags.append(latest_version - summary["policy_version"])
-        self.transitions += summary["transitions"]
+    def fragment(self, summary: RunSummary, latest_version: int) -> None:
+        self.returns += summary.episode_returns
+        self.lengths += summary.episode_lengths
+        self.infos += summary.episode_infos
+        self.lags.append(latest_version - summary.policy_version)
+        self.transitions += summary.transitions
 
-    def learner(self, result: dict[str, Any]) -> None:
-        self.metrics |= result["metrics"]
-        self.updates += result["updates"]
+    def learner(self, result: TrainResult) -> None:
+        self.metrics |= result.metrics
+        self.updates += result.updates
 
-    def report(self, version: int, status: dict[str, float], counters: Counters) -> dict[str, float]:
+    def report(self, version: int, status: ReplayStatus, counters: Counters) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         report = dict(self.metrics)
         if self.returns:
@@ -301,6 +302,5 @@ class Window:
                    "actors/env_steps_per_s": self.transitions / elapsed, "actors/restarts": counters.restarts,
                    "actors/lost_transitions": counters.lost_transitions, "weights/version": version,
                    **({"weights/version_lag": float(np.mean(self.lags))} if self.lags else {}),
-                   **{k: v for k, v in status.items() if k.startswith("replay/")},
-                   "replay/lost_transitions": counters.env_steps - status["replay/inserts"]}
+                   **status.metrics(), "replay/lost_transitions": counters.env_steps - status.inserts}
         return report

@@ -11,6 +11,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,25 @@ class LocalReplay:
         return self.replay.sample(allowed, self.batch_size) if allowed else None
 
 
+@dataclass(frozen=True)
+class Published:
+    """Weights the learner has shared: their version and where they are (an object reference on Ray, whose
+    holder Ray does not resolve when it is passed inside this object)."""
+
+    version: int
+    reference: Any
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One ``LearnerActor.train`` call: the updates made, their mean metrics, and the weights published after."""
+
+    updates: int
+    seconds: float
+    metrics: dict[str, float]
+    weights: Published | None
+
+
 class LearnerActor:
     """The learner loop of the runtime, fed by ``replay`` (a :class:`RemoteReplay` or :class:`LocalReplay`).
     ``threads``: torch's thread count in this process (None leaves it, when the process is shared); ``share``
@@ -99,13 +119,12 @@ class LearnerActor:
         name = str(self.device) if self.device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(self.device)})"
         return {"device": name, "updates": self.learner.num_updates, "version": self.version, "driver": self.extra}
 
-    def publish(self) -> list:
-        """``[version, reference]``: the weights actors need, shared once (kept in a list so that Ray hands the
-        driver the reference, not the value)."""
+    def publish(self) -> Published:
+        """The weights actors need, shared once."""
         self.version += 1
-        return [self.version, self.share((self.version, self.algorithm.policy_weights()))]
+        return Published(self.version, self.share((self.version, self.algorithm.policy_weights())))
 
-    def train(self, max_updates: int, progress: float, max_seconds: float = 1.0) -> dict[str, Any]:
+    def train(self, max_updates: int, progress: float, max_seconds: float = 1.0) -> TrainResult:
         """Up to ``max_updates`` updates (fewer if the rate limiter holds the learner for ``max_seconds``), then one
         weight publication. ``progress`` (0..1 of the env-step budget) drives learning-rate schedules."""
         self.algorithm.set_progress(progress)
@@ -123,8 +142,7 @@ class LearnerActor:
         elapsed = max(time.perf_counter() - start, 1e-9)
         metrics = {key: value / done for key, value in totals.items()} if done else {}
         metrics |= {"learner/updates": self.learner.num_updates, "learner/wait_fraction": self.replay.wait_s / elapsed}
-        return {"updates": done, "seconds": elapsed, "metrics": metrics,
-                "weights": self.publish() if done else None}
+        return TrainResult(done, elapsed, metrics, self.publish() if done else None)
 
     def save_checkpoint(self, path: str, driver_state: dict[str, Any]) -> None:
         """Networks, optimisers, alpha, counters, RNG state, the driver's counters and ``meta`` (the config and

@@ -125,9 +125,9 @@ def test_killed_replay_actor_restarts_from_its_last_save(make_runtime):
     assert summary["env_steps"] == 2000 and summary["updates"] > 0
     # what was inserted between the save and the kill is gone, and counted; the rest survived the restart
     status = ray.get(runtime.replay.status.remote())
-    assert status["replay/inserts"] + summary["replay/lost_transitions"] == 2000
+    assert status.inserts + summary["replay/lost_transitions"] == 2000
     assert 300 <= summary["replay/lost_transitions"] <= 600, summary
-    assert status["replay/size"] == status["replay/inserts"]
+    assert status.size == status.inserts
 
 
 def test_killed_learner_stops_the_run_with_a_resume_hint_and_resume_finishes(tmp_path):
