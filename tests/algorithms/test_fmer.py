@@ -1,5 +1,6 @@
 """FMER's pieces against closed forms: the mirror-descent weights (1) of algorithms/fmer.py, the ESS-tuned trust
-region, the ablation weightings, and the run without an entropy term."""
+region, the ablation weightings, the run without an entropy term, v1's advantage weights (2), the entropy loss (3)
+and its switch, and the Hutchinson default (its estimator's unbiasedness is in test_flows.py)."""
 
 import math
 
@@ -7,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from torch import nn
 
 from softflow.algorithms import make_algorithm
-from softflow.algorithms.fmer import (FMERConfig, candidate_weights, effective_sample_fraction,
+from softflow.algorithms.flows import FlowPolicy, VelocityField
+from softflow.algorithms.fmer import (FMERConfig, candidate_weights, effective_sample_fraction, entropy_loss,
                                       ess_temperature)
 from softflow.algorithms.isfm import ISFMConfig
+from softflow.algorithms.squash import Squash
 
 
 def test_effective_sample_fraction_is_one_for_uniform_and_one_over_m_for_one_hot():
@@ -115,3 +119,89 @@ def test_the_policy_step_is_taken_at_the_configured_states_only(name, improve_at
 
     assert loss(unused) == loss(None)
     assert abs(loss(improve_at) - loss(None)) > 1e-4
+
+
+def test_hutchinson_is_the_default_estimator_unless_the_flow_names_one():
+    assert FMERConfig().flow.log_prob == "hutchinson"
+    assert FMERConfig(flow={"steps": 3}).flow.log_prob == "hutchinson"
+    assert FMERConfig(flow={"log_prob": "exact"}).flow.log_prob == "exact"
+    algorithm = make_algorithm(small(), 3, -np.ones(2), np.ones(2))
+    assert algorithm.policy.log_prob_method == "hutchinson" and algorithm.policy.steps == 3
+
+
+def test_advantage_weights_are_the_v1_formula():
+    """(2): w_j = exp((Q_j - mean_i Q_i) / T), from Q alone (no log pi term) and without a normaliser."""
+    q = torch.tensor([[1.0, 3.0, 2.0, -2.0], [0.5, 0.5, 0.5, 4.5]])
+    got = candidate_weights(q, 0.5, "advantage")
+    expected = torch.tensor([[math.exp((v - sum(row) / 4) / 0.5) for v in row] for row in q.tolist()])
+    assert torch.allclose(got, expected, rtol=1e-6)
+
+
+def test_the_policy_step_uses_the_v1_weights_of_the_candidates_q():
+    algorithm = make_algorithm(small(weighting="advantage", tune_mirror_temperature=False, mirror_temperature=0.7),
+                               3, -np.ones(2), np.ones(2))
+    base = batch()
+    candidates = algorithm.policy.sample(base["next_obs"], 4, with_log_prob=True)
+    seen = {}
+    fm_loss = algorithm.policy.flow_matching_loss
+
+    def spy(obs, targets, weights):
+        seen["weights"] = weights
+        return fm_loss(obs, targets, weights)
+
+    algorithm.policy.flow_matching_loss = spy
+    _, _, metrics = algorithm.policy_loss(base, candidates)
+    with torch.no_grad():
+        q = algorithm.candidate_q(base["next_obs"], candidates)
+    assert torch.allclose(seen["weights"], torch.exp((q - q.mean(-1, keepdim=True)) / 0.7), rtol=1e-5)
+    assert float(metrics["learner/mirror_temperature"]) == pytest.approx(0.7)
+
+
+def test_advantage_weights_with_a_zero_untuned_temperature_are_rejected():
+    with pytest.raises(ValidationError, match="weighting advantage"):
+        FMERConfig(weighting="advantage", tune_mirror_temperature=False)
+
+
+class LinearVelocity(VelocityField):
+    """v = M x + c: every Euler step is x -> F x + dt c with F = I + dt M, so pi = N(., F^K F^K^T) and
+    H(pi) = H(N(0, I)) + K log|det F|, whatever the state."""
+
+    def __init__(self):
+        super().__init__()
+        self.act_dim = 2
+        self.M = nn.Parameter(torch.tensor([[0.3, -0.4], [0.2, -0.5]]))
+        self.c = nn.Parameter(torch.tensor([0.5, -1.0]))
+
+    def forward(self, x, t, obs):
+        return x @ self.M.T + self.c
+
+
+@pytest.mark.parametrize("method", ["exact", "hutchinson"])
+def test_the_entropy_loss_gradient_is_the_closed_form(method):
+    """(3) is lambda E[log pi] = -lambda H + const, so its gradient in M is -lambda K dt F^{-T} with the exact
+    log-det (for every sample). With Hutchinson's estimate it is -lambda dt sum_k mean_n eps eps^T, whose mean is
+    -lambda K dt I: the diagonal is exact (eps_i^2 = 1) and each off-diagonal entry has standard error
+    lambda dt sqrt(K / N), matched within 4 of them. The mean c does not enter the entropy: no gradient reaches it."""
+    torch.manual_seed(5)
+    steps, n, weight = 5, 20000, 0.3
+    velocity = LinearVelocity()
+    policy = FlowPolicy(velocity, Squash([-math.inf] * 2, [math.inf] * 2), steps=steps, log_prob_method=method)
+    entropy_loss(policy, torch.randn(n, 3), weight).backward()
+    dt = 1.0 / steps
+    if method == "exact":
+        F = torch.eye(2) + dt * velocity.M.detach()
+        assert torch.allclose(velocity.M.grad, -weight * steps * dt * torch.linalg.inv(F).T, atol=1e-5)
+    else:
+        assert torch.allclose(velocity.M.grad.diagonal(), torch.full((2,), -weight * steps * dt), atol=1e-6)
+        off = velocity.M.grad - torch.diag(velocity.M.grad.diagonal())
+        assert off.abs().max() < 4 * weight * dt * math.sqrt(steps / n)
+    assert velocity.c.grad is None or torch.all(velocity.c.grad == 0)
+
+
+def test_the_entropy_loss_turns_off_exactly_at_update_n():
+    algorithm = make_algorithm(small(weighting="advantage", entropy_loss_weight=0.2, entropy_loss_until=3),
+                               3, -np.ones(2), np.ones(2))
+    losses = [float(algorithm.update(batch())["losses/entropy_loss"]) for _ in range(5)]
+    assert all(v != 0 for v in losses[:3]) and losses[3:] == [0.0, 0.0]
+    assert "losses/entropy_loss" not in make_algorithm(small(), 3, -np.ones(2), np.ones(2)).update(batch())
+
