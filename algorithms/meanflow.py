@@ -92,6 +92,14 @@ class MeanFlowNetwork(nn.Module):
         times = self.field.time(torch.tensor([[0.0], [1.0]], dtype=x.dtype, device=x.device)).reshape(1, -1)
         return self.field.net(torch.cat([x, times.expand(x.shape[0], -1), obs], dim=-1))
 
+    def one_step_linearisation(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_1(0), J): the one-step action from x_0 = 0 and J = I + du/dx_0 (0, 0, 1) there, so that the policy at
+        s is approximately N(x_1(0), J J^T) (exactly, for an affine u). In closed form (``forward_and_jacobian``)."""
+        x0 = obs.new_zeros(obs.shape[0], self.act_dim)
+        zero = x0[:, :1]
+        u, jac = self.field.forward_and_jacobian(x0, zero, self.conditioning(zero + 1, obs))
+        return u, jac + torch.eye(self.act_dim, dtype=obs.dtype, device=obs.device)
+
     def instantaneous(self, x: torch.Tensor, tau: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """v(x, tau, s) = u(x, tau, tau, s)."""
         return self(x, tau, tau, obs)
