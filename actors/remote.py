@@ -25,6 +25,7 @@ from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import Algorithm, make_algorithm
+from softflow.checkpoints import newest_set
 
 Weights = tuple[int, dict[str, Any]]  # (version, the tensors actors load): what the learner publishes
 
@@ -108,25 +109,25 @@ class ReplayActor:
     """The replay buffer behind a samples-per-insert rate limiter (Reverb's SampleToInsertRatio).
 
     Inserts count transitions and samples count updates, so ``updates_per_step`` holds whatever the number of
-    actors: ``sample`` answers ``None`` while the learner is ahead (it waits), and the driver holds actors back
-    while ``insert_allowance`` is too small. When ``save_path`` holds a saved buffer, the actor starts from it, so
-    a replay actor that Ray restarts after a crash carries on from its last save.
+    actors: ``sample`` answers ``None`` while the learner is ahead (it waits), and the driver holds actors back while
+    ``insert_allowance`` is too small. The actor starts from the newest whole checkpoint set under ``checkpoints``
+    (softflow/checkpoints.py) when there is one, so a replay actor that Ray restarts after a crash, or a resumed
+    run, carries on from the last checkpoint.
     """
 
+    REPLAY_FILE, LIMITER_FILE = "replay.npz", "limiter.json"
+
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, updates_per_step: float, min_size: int,
-                 tolerance: float, seed: int, save_path: str | None = None):
-        self.save_path = Path(save_path) if save_path else None
+                 tolerance: float, seed: int, checkpoints_dir: str | None = None):
         self.limiter = SampleToInsertRatio(updates_per_step, min_size, tolerance)
-        if self.save_path is not None and self.save_path.exists():
-            self.buffer = ReplayBuffer.load(self.save_path)
-            self.limiter.load_state_dict(json.loads(self._limiter_path().read_text()))
+        restore, _ = newest_set(Path(checkpoints_dir)) if checkpoints_dir else (None, [])
+        if restore is not None:
+            self.buffer = ReplayBuffer.load(restore / self.REPLAY_FILE)
+            self.limiter.load_state_dict(json.loads((restore / self.LIMITER_FILE).read_text()))
         else:
             self.buffer = ReplayBuffer(capacity, obs_dim, act_dim, seed=seed)
         self._start = time.perf_counter()
         self._mark = (self._start, self.limiter.inserts, self.limiter.samples)
-
-    def _limiter_path(self) -> Path:
-        return self.save_path.with_name(self.save_path.name + ".limiter.json")
 
     def add(self, fragment: Fragment) -> ReplayStatus:
         self.buffer.add(fragment)
@@ -150,13 +151,11 @@ class ReplayActor:
                             (self.limiter.inserts - inserts) / elapsed, (self.limiter.samples - samples) / elapsed,
                             self.limiter.insert_allowance())
 
-    def save(self) -> None:
-        """Writes the buffer and the limiter's counters next to each other (each file atomically)."""
-        self.save_path.parent.mkdir(parents=True, exist_ok=True)
-        self.buffer.save(self.save_path)
-        tmp = self._limiter_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.limiter.state_dict()))
-        os.replace(tmp, self._limiter_path())
+    def save(self, staging: str) -> None:
+        """Writes the buffer and the limiter's counters into the staging directory of a checkpoint set."""
+        Path(staging).mkdir(parents=True, exist_ok=True)
+        self.buffer.save(Path(staging) / self.REPLAY_FILE)
+        (Path(staging) / self.LIMITER_FILE).write_text(json.dumps(self.limiter.state_dict()))
 
     def pid(self) -> int:
         return os.getpid()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +111,8 @@ class ReplayBuffer:
         return {name: getattr(self, name)[idx] for name in _STORED_FIELDS}
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the buffer to one uncompressed ``.npz`` file, atomically.
+        """Write the buffer to one uncompressed ``.npz`` file (into a checkpoint set's staging directory, which
+        softflow/checkpoints.py seals and switches in as a whole).
 
         The filled part is stored in its physical (slot) order together with
         the cursor, so sample indices map to the same transitions after
@@ -129,17 +129,8 @@ class ReplayBuffer:
             "rng_state": self.rng.bit_generator.state,
         }
         arrays = {name: getattr(self, name)[: self._size] for name in _STORED_FIELDS}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with path.open("wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ReplayBuffer:

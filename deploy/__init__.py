@@ -5,7 +5,7 @@ of the package does not pay for grpc."""
 
 def __getattr__(name: str):
     if name == "PolicyClient":
-        from softflow.deploy.client import PolicyClient
+        from softflow.deploy.serve.client import PolicyClient
 
         return PolicyClient
     raise AttributeError(f"module 'softflow.deploy' has no attribute {name!r}")

@@ -33,14 +33,14 @@ USAGE_ERROR = 2
 
 def _train(args: argparse.Namespace) -> int:
     from softflow.deploy.config import load_experiment
-    from softflow.deploy.driver import default_run_dir, train
+    from softflow.deploy.run.driver import check_fresh_run_dir, default_run_dir, train
 
     if args.resume:
         run_dir = Path(args.resume)
         overrides = [args.experiment, *args.overrides] if args.experiment else args.overrides
-        if not (run_dir / "checkpoints" / "latest.pt").is_file():
-            raise ConfigError(f"--resume {run_dir}: no checkpoint there (expected {run_dir}/checkpoints/latest.pt); "
-                              f"give the run directory of a run that wrote a checkpoint")
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no run there (no config.yaml); give the directory of a run that "
+                              f"wrote a checkpoint")
         config = load_experiment(run_dir / "config.yaml", overrides)
     elif args.experiment is None:
         raise ConfigError("give an experiment file (e.g. cluster/experiments/inverted-pendulum.yaml) "
@@ -48,6 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = load_experiment(args.experiment, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+        check_fresh_run_dir(run_dir)
     verb = "resuming" if args.resume else "training"
     print(f"softflow: {verb} '{config.name}' ({config.algorithm.name} on {config.env.id}); run directory {run_dir}")
     summary = train(config, run_dir, progress=not args.no_progress, address=args.address, resume=bool(args.resume))
@@ -63,48 +64,68 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "act":
-        from softflow.deploy.bench_act import bench_act
+    import importlib
 
-        report = bench_act(candidates=args.candidates, repeats=args.repeats, quick=args.quick)
-    elif args.what == "gradients":
-        from softflow.deploy.bench_gradients import bench_gradients
-
-        report = bench_gradients(args.env, env_steps=args.env_steps, batch_size=args.batch_size, plot=args.plot)
-    elif args.what == "serve":
-        from softflow.deploy.bench_serve import bench_serve
-
-        report = bench_serve(args.experiment, args.overrides, seconds=args.seconds or 2.0, clients=args.clients,
-                             connections=args.connections, fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms,
-                             rounds=args.rounds)
-    elif args.what == "rllib":
-        from softflow.deploy.bench_rllib import bench_rllib
-
-        report = bench_rllib(args.env, seconds=args.seconds or 120.0, batch_size=args.batch_size,
-                             updates_per_step=args.updates_per_step)
-    elif args.what == "runtime":
-        from softflow.deploy.bench_runtime import bench_runtime
-        from softflow.deploy.config import load_experiment
-
-        report = bench_runtime(load_experiment(args.experiment, args.overrides), seconds=args.seconds or 10.0)
-    else:
-        from softflow.deploy.bench import bench_learner
-
-        report = bench_learner(updates=args.updates, repeats=args.repeats, device=args.device,
-                               batch_sizes=args.batch_sizes, compile_modes=args.compile, quick=args.quick)
-    print(json.dumps(report, indent=2))
+    module = importlib.import_module(f"softflow.deploy.bench.{args.what}")
+    print(json.dumps(module.from_args(args), indent=2))
     return 0
 
 
+# softflow bench WHAT: what each benchmark measures, and its own flags (name, argparse keywords).
+BENCHMARKS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
+    "learner": ("the five algorithms' update costs over a bare CleanRL SAC and over SAC, eager and compiled, and "
+                "where an update's time goes", [
+                    ("--batch-sizes", {"default": "256,1024,4096", "help": "batch sizes of the SAC ratios"}),
+                    ("--compile", {"default": "none,default",
+                                   "help": "compile modes to time (none, default, reduce-overhead)"}),
+                    ("--updates", {"type": int, "default": 30,
+                                   "help": "timed updates per case, in --repeats blocks of a multiple of 6"}),
+                    ("--repeats", {"type": int, "default": 5, "help": "alternating rounds; the median is reported"}),
+                    ("--device", {"default": "auto", "choices": ["auto", "cpu", "cuda"]}),
+                    ("--quick", {"action": "store_true", "help": "1 round of 6 updates, batch 256, eager only"})]),
+    "runtime": ("the Ray runtime's costs against the same loops alone, for an experiment file", [
+        ("experiment", {"nargs": "?", "default": "cluster/experiments/inverted-pendulum.yaml",
+                        "help": "the experiment to measure (default: the Quickstart experiment)"}),
+        ("overrides", {"nargs": "*", "help": "key=value overrides of the experiment"}),
+        ("--seconds", {"type": float, "default": 10.0, "help": "seconds per timed loop"})]),
+    "rllib": ("softflow's SAC against RLlib's SAC for the same wall time", [
+        ("--env", {"default": "HalfCheetah-v5"}),
+        ("--seconds", {"type": float, "default": 120.0, "help": "seconds per library"}),
+        ("--batch-size", {"type": int, "default": 256}),
+        ("--updates-per-step", {"type": float, "default": 1.0, "help": "the UTD ratio of both"})]),
+    "serve": ("the gRPC policy server's latency and throughput, batched and unbatched, and a fuzz run", [
+        ("experiment", {"nargs": "?", "default": "cluster/experiments/inverted-pendulum.yaml",
+                        "help": "an experiment to train briefly and serve, or a run directory or checkpoint"}),
+        ("overrides", {"nargs": "*", "help": "key=value overrides of the experiment"}),
+        ("--seconds", {"type": float, "default": 2.0, "help": "seconds per round of each load level and mode"}),
+        ("--clients", {"default": "1,8,64", "help": "concurrent clients per load level"}),
+        ("--connections", {"type": int, "default": 1, "help": "connections the clients share"}),
+        ("--rounds", {"type": int, "default": 9, "help": "alternating rounds per load level"}),
+        ("--fuzz", {"type": int, "default": 10_000, "help": "fuzzed requests (0: none)"}),
+        ("--max-batch-wait-ms", {"type": float, "default": None,
+                                 "help": "the batched server's wait (default: softflow serve's)"})]),
+    "act": ("time per action of SAC, FLAME, the 10-step flow and SAC Flow, best of --candidates", [
+        ("--candidates", {"type": int, "default": 32, "help": "best-of-N candidates per state"}),
+        ("--repeats", {"type": int, "default": 5, "help": "timed blocks; the median is reported"}),
+        ("--quick", {"action": "store_true", "help": "a short run for tests"})]),
+    "gradients": ("SAC Flow's actor-gradient norms over training for K = 4, 7, 10 and the naive, gated and decoded "
+                  "velocities", [
+                      ("--env", {"default": "HalfCheetah-v5"}),
+                      ("--env-steps", {"type": int, "default": 5000, "help": "env steps per run (1000 random)"}),
+                      ("--batch-size", {"type": int, "default": 256}),
+                      ("--plot", {"default": None, "help": "write the figure to this PNG"})]),
+}
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from softflow.deploy.serve import options_from_args, serve_forever
+    from softflow.deploy.serve.server import options_from_args, serve_forever
 
     serve_forever(args.path, options_from_args(args), args.torch_threads)
     return 0
 
 
 def _act(args: argparse.Namespace) -> int:
-    from softflow.deploy.client import act_command
+    from softflow.deploy.serve.client import act_command
 
     try:
         print(json.dumps(act_command(args), indent=2))
@@ -114,7 +135,7 @@ def _act(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from softflow.deploy.sweep import run_sweep
+    from softflow.deploy.sweep.tune import run_sweep
 
     run_sweep(args.sweep, args.overrides, sweep_dir=args.sweep_dir, address=args.address)
     return 0
@@ -141,46 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_evaluate)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["learner", "runtime", "rllib", "serve", "act", "gradients"],
-                       help="learner: the five algorithms' update costs over a bare CleanRL SAC and over SAC, "
-                            "eager and compiled, and where an update's time goes; "
-                            "runtime: the Ray runtime's costs against the same "
-                            "loops alone, for an experiment file; rllib: softflow's SAC against RLlib's SAC for the "
-                            "same wall time; serve: the gRPC policy server's latency and throughput, batched and "
-                            "unbatched, and a fuzz run; act: time per action of SAC, FLAME, the 10-step flow and SAC "
-                            "Flow, best of --candidates; gradients: SAC Flow's actor-gradient norms over training "
-                            "for K = 4, 7, 10 and the naive, gated and decoded velocities")
-    bench.add_argument("experiment", nargs="?", default="cluster/experiments/inverted-pendulum.yaml",
-                       help="runtime: the experiment to measure (default: the Quickstart experiment); serve: an "
-                            "experiment to train briefly and serve (default: the Quickstart experiment), or a run "
-                            "directory or checkpoint to serve")
-    bench.add_argument("overrides", nargs="*", help="runtime, serve: key=value overrides of the experiment")
-    bench.add_argument("--seconds", type=float, default=None,
-                       help="runtime: seconds per timed loop (default 10); rllib: seconds per library (default "
-                            "120); serve: seconds per round of each load level and mode (default 2)")
-    bench.add_argument("--clients", default="1,8,64", help="serve only: concurrent clients per load level")
-    bench.add_argument("--connections", type=int, default=1, help="serve only: connections the clients share")
-    bench.add_argument("--rounds", type=int, default=9, help="serve only: alternating rounds per load level")
-    bench.add_argument("--fuzz", type=int, default=10_000, help="serve only: fuzzed requests (0: none)")
-    bench.add_argument("--max-batch-wait-ms", type=float, default=None,
-                       help="serve only: the batched server's wait (default: softflow serve's)")
-    bench.add_argument("--env", default="HalfCheetah-v5", help="rllib, gradients: the environment")
-    bench.add_argument("--candidates", type=int, default=32, help="act only: best-of-N candidates per state")
-    bench.add_argument("--env-steps", type=int, default=5000, help="gradients only: env steps per run (1000 random)")
-    bench.add_argument("--plot", default=None, help="gradients only: write the figure to this PNG")
-    bench.add_argument("--updates-per-step", type=float, default=1.0, help="rllib only: the UTD ratio of both")
-    bench.add_argument("--updates", type=int, default=30,
-                       help="learner only: timed updates per case, in --repeats blocks of a multiple of 6")
-    bench.add_argument("--batch-sizes", default="256,1024,4096", help="learner only: batch sizes of the SAC ratios")
-    bench.add_argument("--compile", default="none,default",
-                       help="learner only: compile modes to time (none, default, reduce-overhead)")
-    bench.add_argument("--batch-size", type=int, default=256, help="rllib, gradients (learner: --batch-sizes)")
-    bench.add_argument("--repeats", type=int, default=5,
-                       help="timed blocks (learner: alternating rounds); the median is reported")
-    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    bench.add_argument("--quick", action="store_true",
-                       help="a short run for tests (learner: 1 round of 6 updates, batch 256, eager only)")
-    bench.set_defaults(func=_bench)
+    benchmarks = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for name, (purpose, flags) in BENCHMARKS.items():
+        sub = benchmarks.add_parser(name, help=purpose, description=purpose)
+        for flag, keywords in flags:
+            sub.add_argument(flag, **keywords)
+        sub.set_defaults(func=_bench)
 
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of an experiment (cluster/sweeps/)")
     sweep.add_argument("sweep", help="sweep YAML, e.g. cluster/sweeps/actor-scaling.yaml")
@@ -192,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "default: start Ray on this machine")
     sweep.set_defaults(func=_sweep)
 
-    from softflow.deploy.client import add_act_arguments
-    from softflow.deploy.serve import add_serve_arguments
+    from softflow.deploy.serve.client import add_act_arguments
+    from softflow.deploy.serve.server import add_serve_arguments
 
-    serve = commands.add_parser("serve", help="serve a trained policy over gRPC (deploy/proto/policy_service.proto)")
+    serve = commands.add_parser("serve", help="serve a trained policy over gRPC (softflow.v1.PolicyService)")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from softflow.actors.envs import EnvConfig, LQREnvConfig, check_env_id
 from softflow.actors.lqr import check_lqr_system
 from softflow.algorithms import ALGORITHMS, AnyAlgorithmConfig
-from softflow.deploy.metrics import WandbConfig
+from softflow.deploy.run.metrics import WandbConfig
 
 
 class ConfigError(Exception):
@@ -58,12 +58,15 @@ class ReplayConfig(_Section):
 class LearnerConfig(_Section):
     learning_starts: int = Field(5000, ge=1, description="env steps of uniform random actions before updates")
     checkpoint_every: int = Field(10_000, ge=1, description="updates between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoint sets kept (the newest); a damaged newest set "
+                                                       "falls back to the one before it")
     publish_every: int = Field(50, ge=1, description="updates between weight broadcasts to the actors")
     batches_per_request: int = Field(16, ge=1, description="batches fetched from the replay actor per request "
                                                            "(two requests are kept in flight; a request costs a "
                                                            "few ms of Ray transport whatever its size)")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the learner actor; torch "
-                                           "uses ceil(num_cpus) threads in it")
+                                           "uses ceil(num_cpus) threads in it (in serial mode, in the "
+                                           "one process)")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Ray custom resources the learner needs (the replay actor and the "
                                           "evaluator go beside it), e.g. {learner: 1}")

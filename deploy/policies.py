@@ -1,7 +1,8 @@
 """Trained policies out of a run: ``softflow.load_policy`` and ``softflow evaluate``.
 
 A checkpoint holds the experiment config and the spaces next to the learner state (``checkpoint_meta``), so a
-checkpoint file alone rebuilds its policy; a run directory stands for its ``checkpoints/latest.pt``.
+checkpoint file alone rebuilds its policy; a run directory stands for the ``learner.pt`` of its newest whole
+checkpoint set (softflow/checkpoints.py). Files are loaded without running code (``weights_only``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from softflow import checkpoints
 from softflow.actors.envs import make_env
 from softflow.actors.evaluate import evaluate_algorithm
 from softflow.algorithms import Algorithm, make_algorithm
 from softflow.deploy.config import ConfigError, parse_experiment
-from softflow.learner.learner import load_checkpoint
 
 
 class Policy:
@@ -51,13 +52,18 @@ class Policy:
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """``path`` itself when it is a file, else the run directory's ``checkpoints/latest.pt``; ConfigError if none."""
+    """``path`` itself when it is a file, else the ``learner.pt`` of the run directory's newest whole checkpoint
+    set; ConfigError if there is none."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "latest.pt"
+        found, _ = checkpoints.newest_set(path / "checkpoints")
+        if found is None:
+            raise ConfigError(f"no whole checkpoint in {path / 'checkpoints'}: give the directory of a run that "
+                              f"wrote one (runs/NAME-TIME) or a checkpoint file")
+        return found / checkpoints.LEARNER_FILE
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}: give a run directory (runs/NAME-TIME) or a checkpoint file "
-                          f"(runs/NAME-TIME/checkpoints/latest.pt)")
+                          f"(runs/NAME-TIME/checkpoints/step-.../learner.pt)")
     return path
 
 
@@ -65,7 +71,7 @@ def load_policy(path: str | Path) -> Policy:
     """The policy of a run directory or checkpoint file, on the CPU."""
     file = checkpoint_path(path)
     try:
-        state = load_checkpoint(file, "cpu")
+        state = checkpoints.load(file, "cpu")
         spaces, config = state["spaces"], parse_experiment(state["config"])
     except (KeyError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise ConfigError(f"{file} is not a softflow checkpoint ({type(exc).__name__}: {exc})") from None

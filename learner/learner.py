@@ -1,4 +1,4 @@
-"""The learner: replay batches in, algorithm updates out, with counters and atomic checkpoints.
+"""The learner: replay batches in, algorithm updates out, with counters (checkpoints: softflow/checkpoints.py).
 
 A plain class (Sample Factory's Learner): the serial driver calls it in-process; a process wrapper can own it.
 """
@@ -6,11 +6,7 @@ A plain class (Sample Factory's Learner): the serial driver calls it in-process;
 from __future__ import annotations
 
 import math
-import os
-import random
 import sys
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -71,25 +67,3 @@ class Learner:
         for (_, key), value in zip(records, numbers, strict=True):
             totals.setdefault(key, []).append(value)
         return {key: sum(seen) / len(seen) for key, seen in totals.items()}
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file in the same directory, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=device, weights_only=False)

@@ -19,8 +19,9 @@ import numpy as np
 import ray
 import torch
 
+from softflow import checkpoints
 from softflow.algorithms import make_algorithm
-from softflow.learner.learner import Learner, learner_device, load_checkpoint, save_checkpoint
+from softflow.learner.learner import Learner, learner_device
 
 SAMPLE_REQUESTS_IN_FLIGHT = 2
 WAIT_POLL_S = 0.002
@@ -108,11 +109,12 @@ class LearnerActor:
         self.meta = meta
         self.extra: dict[str, Any] = {}
         if checkpoint is not None:
-            state = load_checkpoint(Path(checkpoint), self.device)
+            state = checkpoints.load(Path(checkpoint), self.device)
             self.algorithm.load_state_dict(state["algorithm"])
             self.learner.num_updates = state["updates"]
             self.version = state["version"]
             self.extra = state["driver"]
+            torch.set_rng_state(state["torch_rng"])
 
     def describe(self) -> dict[str, Any]:
         """Where the learner runs, and the driver's counters restored from a checkpoint."""
@@ -144,12 +146,19 @@ class LearnerActor:
         metrics |= {"learner/updates": self.learner.num_updates, "learner/wait_fraction": self.replay.wait_s / elapsed}
         return TrainResult(done, elapsed, metrics, self.publish() if done else None)
 
-    def save_checkpoint(self, path: str, driver_state: dict[str, Any]) -> None:
-        """Networks, optimisers, alpha, counters, RNG state, the driver's counters and ``meta`` (the config and
-        the spaces, so that a checkpoint file alone can be loaded as a policy), written atomically."""
-        save_checkpoint(Path(path), {**self.meta, "algorithm": self.algorithm.state_dict(),
-                                     "updates": self.learner.num_updates, "version": self.version,
-                                     "driver": driver_state, "torch_rng": torch.get_rng_state()})
+    def save_checkpoint(self, staging: str, driver_state: dict[str, Any]) -> None:
+        """Writes ``learner.pt`` into the staging directory of a checkpoint set (softflow/checkpoints.py):
+        networks, optimisers, alpha, counters, the torch RNG state, the driver's counters and ``meta`` (the config
+        and the spaces, so that the file alone loads as a policy)."""
+        Path(staging).mkdir(parents=True, exist_ok=True)
+        torch.save({**self.meta, "algorithm": self.algorithm.state_dict(), "updates": self.learner.num_updates,
+                    "version": self.version, "driver": driver_state, "torch_rng": torch.get_rng_state()},
+                   Path(staging) / checkpoints.LEARNER_FILE)
+
+    def commit_checkpoint(self, staging: str, env_steps: int, keep: int) -> str:
+        """Seals the staging directory as the set of ``env_steps`` (run beside the replay actor, on the node whose
+        disk holds both files); returns the set's path."""
+        return str(checkpoints.commit_set(Path(staging), env_steps, self.learner.num_updates, keep))
 
     def pid(self) -> int:
         return os.getpid()

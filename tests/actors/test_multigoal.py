@@ -12,7 +12,7 @@ from softflow.actors.multigoal import ENV_ID, GOALS, MultiGoalEnv, goal_headings
 from softflow.algorithms import make_algorithm
 from softflow.algorithms.fmer import FMERConfig
 from softflow.algorithms.sac import SACConfig
-from softflow.deploy.reports import flow_paths, multigoal_report
+from softflow.deploy.run.reports import flow_paths, multigoal_report
 
 
 def test_reward_is_action_and_distance_cost_and_a_goal_ends_the_episode():

@@ -140,17 +140,6 @@ def test_save_load_round_trip(tmp_path: Path, n_added: int) -> None:
     np.testing.assert_array_equal(loaded.rewards, buf.rewards)
 
 
-def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    buf = ReplayBuffer(10, OBS_DIM, ACT_DIM)
-    buf.add(make_fragment(0, 5))
-    path = tmp_path / "replay.npz"
-    buf.save(path)
-    buf.add(make_fragment(5, 5))
-    buf.save(path)
-    assert [p.name for p in tmp_path.iterdir()] == ["replay.npz"]
-    assert len(ReplayBuffer.load(path)) == 10
-
-
 def test_nbytes_close_to_raw_bytes() -> None:
     capacity = 1000
     buf = ReplayBuffer(capacity, OBS_DIM, ACT_DIM)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from softflow.deploy.config import load_experiment
-from softflow.deploy.driver import train
+from softflow.deploy.run.driver import train
 
 MATRIX = Path(__file__).resolve().parents[2] / "cluster" / "experiments" / "mujoco"
 ALGORITHMS = ["sac", "isfm", "fmer", "sacflow", "flame"]

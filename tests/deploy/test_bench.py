@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from softflow.algorithms import ALGORITHMS
-from softflow.deploy import bench
-from softflow.deploy.bench import CleanRLSAC, bench_learner, replay_batch
+from softflow.deploy.bench import learner as bench
+from softflow.deploy.bench.learner import CleanRLSAC, bench_learner, replay_batch
 from softflow.deploy.config import ConfigError
 
 

@@ -14,8 +14,8 @@ import shlex
 import pytest
 from rich.console import Console
 
-from softflow.deploy import metrics
-from softflow.deploy.metrics import (
+from softflow.deploy.run import metrics
+from softflow.deploy.run.metrics import (
     MetricsLogger,
     WandbConfig,
     drop_rewound_records,
@@ -23,7 +23,7 @@ from softflow.deploy.metrics import (
     read_metrics,
     resolve_wandb_mode,
 )
-from softflow.deploy.progress import TrainingProgress, format_value, print_summary
+from softflow.deploy.run.progress import TrainingProgress, format_value, print_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG = {"seed": 3, "algorithm": {"name": "sac", "lr": 0.0003}}

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import softflow
+from softflow import checkpoints
 from softflow.deploy.config import ConfigError, parse_experiment
-from softflow.deploy.driver import train
+from softflow.deploy.run.driver import train
 
 SCRIPT = Path(sys.executable).with_name("softflow")
 
@@ -31,7 +32,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_load_policy_restores_the_trained_networks(run_dir):
-    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    state = checkpoints.load(checkpoints.newest_set(run_dir / "checkpoints")[0] / "learner.pt")
     policy = softflow.load_policy(run_dir)
     assert policy.candidates == 4
     for name, value in policy.algorithm.policy.state_dict().items():
@@ -54,7 +55,7 @@ def test_a_checkpoint_file_loads_like_its_run_directory(run_dir):
     torch.manual_seed(0)
     from_dir = softflow.load_policy(run_dir).act(obs)
     torch.manual_seed(0)
-    from_file = softflow.load_policy(run_dir / "checkpoints" / "latest.pt").act(obs)
+    from_file = softflow.load_policy(checkpoints.newest_set(run_dir / "checkpoints")[0] / "learner.pt").act(obs)
     np.testing.assert_array_equal(from_dir, from_file)
 
 
@@ -79,7 +80,7 @@ def test_evaluate_bad_input_is_one_line(run_dir, args, message):
 
 
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
-    bogus = tmp_path / "latest.pt"
+    bogus = tmp_path / "learner.pt"
     bogus.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="is not a softflow checkpoint"):
         softflow.load_policy(bogus)

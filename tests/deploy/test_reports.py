@@ -1,4 +1,4 @@
-"""Tests for softflow.deploy.reports: the linear-Gaussian fit of a policy and the LQR report (lqr.json)."""
+"""Tests for softflow.deploy.run.reports: the linear-Gaussian fit of a policy and the LQR report (lqr.json)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from softflow.actors.envs import LQREnvConfig
 from softflow.actors.lqr import soft_lqr_solution
-from softflow.deploy.reports import fit_linear_gaussian, lqr_report
+from softflow.deploy.run.reports import fit_linear_gaussian, lqr_report
 
 SYSTEM = dict(A=[[1.0, 0.1], [0.0, 0.9]], B=[[0.0], [0.1]], Q=[[1.0, 0.0], [0.0, 0.1]], R=[[0.1]],
               W=[[0.01, 0.0], [0.0, 0.01]])  # the shipped experiment's system

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import ray
 
+from softflow import checkpoints
 from softflow.deploy.config import load_experiment, parse_experiment
-from softflow.deploy.driver import train
-from softflow.deploy.runtime import Runtime
+from softflow.deploy.run.driver import train
+from softflow.deploy.run.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,7 +74,8 @@ def test_two_actors_replay_and_learner_train_on_mujoco(tmp_path):
     assert summary["updates"] > 0 and rows[-1]["weights/version"] > 1
     assert 0 <= rows[-1]["weights/version_lag"] < 10
     assert "eval/episode_return" in summary and "losses/q_loss" in rows[-1]
-    assert (tmp_path / "checkpoints" / "latest.pt").is_file() and (tmp_path / "checkpoints" / "replay.npz").is_file()
+    newest, _ = checkpoints.newest_set(tmp_path / "checkpoints")
+    assert (newest / "learner.pt").is_file() and (newest / "replay.npz").is_file()
 
 
 @pytest.mark.parametrize("actors", [1, 3])
@@ -140,7 +142,7 @@ def test_killed_learner_stops_the_run_with_a_resume_hint_and_resume_finishes(tmp
     run = subprocess.Popen([*command, str(tmp_path / "exp.yaml"), "--run-dir", str(run_dir), "--no-progress"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / "latest.pt").exists() and time.monotonic() < deadline:
+    while checkpoints.newest_set(run_dir / "checkpoints")[0] is None and time.monotonic() < deadline:
         time.sleep(0.2)
     learner = [p for p in psutil.Process(run.pid).children(recursive=True)
                if "LearnerActor" in " ".join(p.cmdline())]
@@ -162,7 +164,7 @@ def test_killed_learner_stops_the_run_with_a_resume_hint_and_resume_finishes(tmp
 def test_resume_continues_counters_and_the_buffer(tmp_path):
     first = parse_experiment(experiment(total_env_steps=600))
     train(first, tmp_path, progress=False)
-    saved = np.load(tmp_path / "checkpoints" / "replay.npz")
+    saved = np.load(checkpoints.newest_set(tmp_path / "checkpoints")[0] / "replay.npz")
     saved_rewards, saved_updates = saved["rewards"].copy(), metrics(tmp_path)[-1]["learner/updates"]
 
     second = parse_experiment(experiment(total_env_steps=1200))
@@ -172,7 +174,7 @@ def test_resume_continues_counters_and_the_buffer(tmp_path):
     assert steps == sorted(steps) and steps[-1] == 1200 and 600 in steps
     assert rows[-1]["learner/updates"] > saved_updates
     assert summary["env_steps"] == 1200
-    resumed = np.load(tmp_path / "checkpoints" / "replay.npz")
+    resumed = np.load(checkpoints.newest_set(tmp_path / "checkpoints")[0] / "replay.npz")
     np.testing.assert_array_equal(resumed["rewards"][:600], saved_rewards)
     assert len(resumed["rewards"]) == 1200
 
@@ -191,7 +193,7 @@ def test_the_kitchen_fmer_experiment_runs_end_to_end_with_task_metrics(tmp_path)
     summary = train(config, tmp_path, progress=False)
     rows = metrics(tmp_path)
     assert rows[-1]["env_steps"] == summary["env_steps"] == 300 and summary["updates"] > 0
-    assert (tmp_path / "checkpoints" / "latest.pt").is_file()
+    assert checkpoints.newest_set(tmp_path / "checkpoints")[0] is not None
     completed = [row["train/tasks_completed"] for row in rows if "train/tasks_completed" in row]
     assert completed and all(value == 0.0 for value in completed)
     assert all(row["train/task_fraction"] == 0.0 for row in rows if "train/tasks_completed" in row)
@@ -215,3 +217,37 @@ def test_a_custom_resource_the_cluster_lacks_fails_fast(tmp_path):
     config = parse_experiment(experiment(actors={"resources": {"rollout": 1}}))
     with pytest.raises(ConfigError, match=r"needs 2 of the custom resource 'rollout' .* the Ray cluster has 0"):
         train(config, tmp_path, progress=False)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("actors", [2, 0], ids=["ray", "serial"])
+def test_sigterm_leaves_a_checkpoint_and_resume_finishes_from_that_step(tmp_path, actors):
+    """The real command in a subprocess, periodic checkpoints off: SIGTERM once 400 steps are logged ends it with
+    exit 1, one line and a checkpoint at the step where it stopped; ``--resume`` finishes the budget from there,
+    with env_steps increasing through metrics.jsonl."""
+    (tmp_path / "exp.yaml").write_text(json.dumps(experiment(
+        total_env_steps=1500, actors={"count": actors}, learner={"checkpoint_every": 10**9})))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "softflow.deploy.cli", "train"]
+    run = subprocess.Popen([*command, str(tmp_path / "exp.yaml"), "--run-dir", str(run_dir), "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (
+            (run_dir / "metrics.jsonl").exists() and any(r["env_steps"] >= 400 for r in metrics(run_dir))):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1 and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("softflow:")]
+    assert line.startswith("softflow: stopped: stopped by SIGTERM at ") and line.endswith(
+        f"Continue it with: softflow train --resume {run_dir}")
+    stopped_at = int(line.split(" at ")[1].split()[0])
+    newest, _ = checkpoints.newest_set(run_dir / "checkpoints")
+    assert 400 <= stopped_at < 1500 and newest.name == f"step-{stopped_at:012d}"
+
+    resumed = subprocess.run([*command, "--resume", str(run_dir), "--no-progress"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [row["env_steps"] for row in metrics(run_dir)]
+    assert steps == sorted(steps) and steps[-1] == 1500
+    assert json.loads((run_dir / "summary.json").read_text())["env_steps"] == 1500

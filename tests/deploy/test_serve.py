@@ -24,12 +24,12 @@ import pytest
 import torch
 
 import softflow
+from softflow import checkpoints
 from softflow.deploy import PolicyClient
 from softflow.deploy.cli import main
 from softflow.deploy.config import parse_experiment
-from softflow.deploy.driver import train
-from softflow.deploy.serve import GC_YOUNG_THRESHOLD, PolicyServer, ServeOptions, settle_garbage_collector
-from softflow.learner.learner import load_checkpoint, save_checkpoint
+from softflow.deploy.run.driver import train
+from softflow.deploy.serve.server import GC_YOUNG_THRESHOLD, PolicyServer, ServeOptions, settle_garbage_collector
 
 OBS_DIM = 4  # InvertedPendulum-v5
 CANDIDATES = 4
@@ -108,7 +108,7 @@ def test_deterministic_answers_are_the_zero_noise_action(run_dir, client):
 
 
 def test_info_and_health_describe_the_checkpoint(run_dir, client):
-    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    state = newest_checkpoint(run_dir)
     info = client.info()
     assert info["env_id"] == "InvertedPendulum-v5" and info["algorithm"] == "isfm"
     assert info["observation_space"] == {"shape": [OBS_DIM], "low": [], "high": []}
@@ -167,13 +167,19 @@ def test_the_batch_wait_is_for_concurrent_callers_only(run_dir):
         assert server.batcher.policy_calls - calls_before < 8
 
 
+def newest_checkpoint(run_dir: Path) -> dict:
+    return checkpoints.load(checkpoints.newest_set(run_dir / "checkpoints")[0] / checkpoints.LEARNER_FILE)
+
+
 def write_new_checkpoint(run_dir: Path, version: int) -> None:
-    """What training does: the networks moved on (here: policy weights scaled), saved by an atomic rename."""
-    file = run_dir / "checkpoints" / "latest.pt"
-    state = load_checkpoint(file)
+    """What training does: the networks moved on (here: policy weights scaled), in a new checkpoint set."""
+    state = newest_checkpoint(run_dir)
     state["version"] = version
     state["algorithm"]["policy"] = {k: v * 1.5 for k, v in state["algorithm"]["policy"].items()}
-    save_checkpoint(file, state)
+    staging = checkpoints.staging_path(run_dir / "checkpoints", 10**9 + version)
+    staging.mkdir()
+    torch.save(state, staging / checkpoints.LEARNER_FILE)
+    checkpoints.commit_set(staging, 10**9 + version, state["updates"], keep=2)
 
 
 def test_reload_swaps_in_new_checkpoints_without_failing_a_request(run_dir, tmp_path):
@@ -198,16 +204,17 @@ def test_reload_swaps_in_new_checkpoints_without_failing_a_request(run_dir, tmp_
         asker = threading.Thread(target=keep_asking)
         asker.start()
         time.sleep(0.3)
-        trained = load_checkpoint(run / "checkpoints" / "latest.pt")["version"]
+        trained = newest_checkpoint(run)["version"]
         write_new_checkpoint(run, version=trained + 1)
         new_action = softflow.load_policy(run).algorithm.act(obs, False, 1)
         deadline = time.monotonic() + 20
         while client.info()["checkpoint_version"] != trained + 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
-        broken = run / "checkpoints" / "broken.pt"
-        broken.write_bytes(b"not a checkpoint")
-        os.replace(broken, run / "checkpoints" / "latest.pt")  # refused: trained + 1 goes on serving
+        broken = checkpoints.staging_path(run / "checkpoints", 2 * 10**9)  # a whole set whose learner.pt is junk:
+        broken.mkdir()                                                      # refused, trained + 1 goes on serving
+        (broken / checkpoints.LEARNER_FILE).write_bytes(b"not a checkpoint")
+        checkpoints.commit_set(broken, 2 * 10**9, 0, keep=3)
         time.sleep(0.5)
         stop.set()
         asker.join(timeout=30)
@@ -228,8 +235,8 @@ def test_serve_and_act_commands(run_dir, tmp_path, capsys):
                               text=True, env=env)
     try:
         line = server.stdout.readline()
-        version = load_checkpoint(run_dir / "checkpoints" / "latest.pt")["version"]
-        assert re.match(rf"softflow: serving .*latest\.pt \(isfm on InvertedPendulum-v5, version {version}, cpu; "
+        version = newest_checkpoint(run_dir)["version"]
+        assert re.match(rf"softflow: serving .*learner\.pt \(isfm on InvertedPendulum-v5, version {version}, cpu; "
                         r"plaintext, token required, batching up to 256 rows, 5 ms wait\) at 127\.0\.0\.1:\d+$",
                         line.strip()), line
         address = line.split()[-1]

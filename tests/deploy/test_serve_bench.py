@@ -10,9 +10,8 @@ import shutil
 import pytest
 from test_serve import one_torch_thread, train_tiny_run  # noqa: F401 (an autouse fixture)
 
-from softflow.deploy.bench_serve import bench_serve
+from softflow.deploy.bench.serve import bench_serve
 from softflow.deploy.config import ConfigError
-
 
 needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None,
                                   reason="h2load not installed (apt-get install nghttp2-client; .ci/run installs it)")
@@ -67,7 +66,7 @@ def test_h2load_counts_refused_calls_as_errors_not_answers(tmp_path):
     """h2load sees HTTP 200 for every gRPC call; a refused call carries no response message, so the size check
     must count it as an error: calls beyond a concurrency limit of 1 among answered ones, and calls that every
     answer refuses (rows one value too wide), under the status of the refusal."""
-    from softflow.deploy.bench_serve import ServerProcess, closed_loop
+    from softflow.deploy.bench.serve import ServerProcess, closed_loop
     from softflow.deploy.policies import checkpoint_path
 
     with ServerProcess(checkpoint_path(train_tiny_run(tmp_path / "run")), ["--max-concurrent-rpcs", "1"]) as server:

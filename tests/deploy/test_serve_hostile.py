@@ -25,9 +25,9 @@ from test_serve import OBS_DIM, one_torch_thread, train_tiny_run  # noqa: F401 (
 
 import softflow
 from softflow.deploy import PolicyClient
-from softflow.deploy.bench_serve import fuzz_request
-from softflow.deploy.proto import ACT_METHOD, ActRequest, Tensor, bearer, to_tensor
-from softflow.deploy.serve import PolicyServer, ServeOptions
+from softflow.deploy.bench.serve import fuzz_request
+from softflow.deploy.serve.proto import ACT_METHOD, ActRequest, Tensor, bearer, to_tensor
+from softflow.deploy.serve.server import PolicyServer, ServeOptions
 
 TOKEN = os.urandom(16).hex()
 LIMITS = dict(max_request_rows=16, max_candidates=8, max_message_bytes=64 * 1024)
@@ -132,7 +132,7 @@ def self_signed_certificate() -> tuple[bytes, bytes]:
     """(certificate PEM, private key PEM) for localhost and 127.0.0.1, made now, valid for a day."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                    .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
                    .not_valid_after(now + datetime.timedelta(days=1))

@@ -18,8 +18,17 @@ import yaml
 
 from softflow.deploy.cli import USAGE_ERROR, main
 from softflow.deploy.config import ConfigError, RunStopped
-from softflow.deploy.sweep import (SCALING, THROUGHPUT, base_tree, check_resources, check_space, condense_metrics,
-                                   load_sweep, plot_sweep, report, scaling_efficiency, trial_experiment, trial_name)
+from softflow.deploy.sweep.results import condense_metrics, plot_sweep, report, scaling_efficiency
+from softflow.deploy.sweep.spec import (
+    SCALING,
+    THROUGHPUT,
+    base_tree,
+    check_resources,
+    check_space,
+    load_sweep,
+    trial_experiment,
+    trial_name,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "cluster" / "sweeps"

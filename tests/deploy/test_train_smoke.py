@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
+from softflow import checkpoints
 from softflow.actors.envs import make_env
 from softflow.actors.evaluate import evaluate
 from softflow.actors.lqr import soft_lqr_solution
@@ -90,7 +90,8 @@ def test_smoke_config_yaml_has_the_overrides_and_reloads(run):
     assert again.env.A == [[1.0, 0.1], [0.0, 0.9]] and again.algorithm.gamma == 0.9  # the file's own values
     if config.algorithm.name == "isfm":
         assert again.algorithm.flow.steps == 3 and again.algorithm.flow.hidden == [32, 32]
-        assert again.algorithm.num_candidates == 4 and again.algorithm.q_lr == yaml.safe_load(EXPERIMENT.read_text())["algorithm"]["q_lr"]  # the file's own value
+        file_q_lr = yaml.safe_load(EXPERIMENT.read_text())["algorithm"]["q_lr"]
+        assert again.algorithm.num_candidates == 4 and again.algorithm.q_lr == file_q_lr  # the file's own value
     else:
         assert again.algorithm.hidden == [32, 32] and again.algorithm.q_lr == 1e-3  # SAC's default
 
@@ -131,10 +132,12 @@ def test_smoke_metrics_jsonl(run):
 
 def test_smoke_checkpoints(run):
     config, run_dir, summary = run
-    latest, replay_path = run_dir / "checkpoints" / "latest.pt", run_dir / "checkpoints" / "replay.npz"
-    assert latest.is_file() and replay_path.is_file()
-    assert not list((run_dir / "checkpoints").glob("*.tmp"))
-    state = torch.load(latest, weights_only=False, map_location="cpu")
+    newest, skipped = checkpoints.newest_set(run_dir / "checkpoints")
+    assert newest is not None and newest.name == f"step-{TOTAL:012d}" and not skipped
+    sets = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(sets) == config.learner.keep_checkpoints and all(s.startswith("step-") for s in sets)
+    latest, replay_path = newest / "learner.pt", newest / "replay.npz"
+    state = checkpoints.load(latest)
     assert {"algorithm", "driver", "updates", "config", "spaces"} <= set(state)
     assert state["driver"]["env_steps"] == TOTAL and state["updates"] == EXPECTED_UPDATES
     assert state["algorithm"]["num_updates"] == EXPECTED_UPDATES
@@ -198,5 +201,28 @@ def test_a_serial_run_resumes_to_a_larger_budget(run, tmp_path):
     rows = read_metrics(resumed_dir)
     assert [row["env_steps"] for row in rows] == list(range(LOG_EVERY, TOTAL + 200 + 1, LOG_EVERY))
     assert [row["learner/updates"] for row in rows] == [max(0, int(UTD * (r["env_steps"] - STARTS))) for r in rows]
-    assert len(ReplayBuffer.load(resumed_dir / "checkpoints" / "replay.npz")) == TOTAL + 200
+    newest, _ = checkpoints.newest_set(resumed_dir / "checkpoints")
+    assert len(ReplayBuffer.load(newest / "replay.npz")) == TOTAL + 200
     assert json.loads((resumed_dir / "lqr.json").read_text())["rel_err_K"] == summary["lqr/rel_err_K"]
+
+
+@pytest.mark.parametrize("actors", [0, 1])
+def test_a_fresh_run_into_a_run_directory_is_refused_and_touches_nothing(run, actors):
+    """Serial mode and the Ray runtime alike: exit 2, one line naming --resume and a free directory; every file of
+    the old run unchanged."""
+    _, run_dir, _ = run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "softflow.deploy.cli"]
+    result = subprocess.run([*command, "train", str(EXPERIMENT), f"actors.count={actors}", "--run-dir",
+                             str(run_dir), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"--resume {run_dir}" in result.stderr and f"--run-dir {run_dir}-2" in result.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_default_run_directories_of_runs_started_together_differ():
+    from softflow.deploy.run.driver import default_run_dir
+
+    config = load_experiment(EXPERIMENT)
+    assert len({default_run_dir(config) for _ in range(50)}) == 50

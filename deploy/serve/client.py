@@ -21,8 +21,17 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from softflow.deploy.proto import (SERVICE_NAME, ActRequest, InfoRequest, PolicyServiceStub, bearer, from_tensor,
-                                   message_to_dict, read_token, to_tensor)
+from softflow.deploy.serve.proto import (
+    SERVICE_NAME,
+    ActRequest,
+    InfoRequest,
+    PolicyServiceStub,
+    bearer,
+    from_tensor,
+    message_to_dict,
+    read_token,
+    to_tensor,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +100,7 @@ class PolicyClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "PolicyClient":
+    def __enter__(self) -> PolicyClient:
         return self
 
     def __exit__(self, *exc) -> None:

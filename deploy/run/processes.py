@@ -24,7 +24,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
 from softflow.deploy.config import ExperimentConfig
-from softflow.deploy.placement import Topology, learner_gpus
+from softflow.deploy.run.placement import Topology, learner_gpus
 from softflow.learner.remote import LearnerActor, LocalReplay, RemoteReplay
 
 
@@ -154,7 +154,9 @@ class LocalProcesses:
         return LocalReplay(replay.target, batches_per_request, batch_size)
 
     def learner(self, *args: Any, **kwargs: Any) -> LocalHandle:
-        return LocalHandle(LearnerActor(*args, num_gpus=self.gpus, threads=None, share=self.put, **kwargs))
+        """The learner, which sets this process's torch threads as on Ray (``ceil(learner.num_cpus)``)."""
+        threads = max(1, math.ceil(self.config.learner.num_cpus))
+        return LocalHandle(LearnerActor(*args, num_gpus=self.gpus, threads=threads, share=self.put, **kwargs))
 
     def evaluator(self, *args: Any, **kwargs: Any) -> LocalHandle:
         return LocalHandle(Evaluator(*args, threads=None, **kwargs))

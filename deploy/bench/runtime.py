@@ -197,10 +197,17 @@ def _actor_steps_inside(actor, replay, fragment_length: int, seconds: float) -> 
     adds, steps, start = [], 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         fragment_ref, summary_ref = runs.pop(0)
-        steps += ray.get(summary_ref)["transitions"]
+        steps += ray.get(summary_ref).transitions
         adds.append(replay.add.remote(fragment_ref))
         runs.append(submit())
     elapsed = time.perf_counter() - start
     ray.get(adds + [r for pair in runs for r in pair])
     return steps / elapsed
 
+
+
+def from_args(args) -> dict:
+    """``softflow bench runtime``'s flags (deploy/cli.py) to :func:`bench_runtime`."""
+    from softflow.deploy.config import load_experiment
+
+    return bench_runtime(load_experiment(args.experiment, args.overrides), seconds=args.seconds)

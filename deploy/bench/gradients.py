@@ -123,3 +123,8 @@ def bench_gradients(env_id: str = "HalfCheetah-v5", env_steps: int = 5000, learn
                    "plot": plot},
         "runs": runs,
     }
+
+
+def from_args(args) -> dict:
+    """``softflow bench gradients``'s flags (deploy/cli.py) to :func:`bench_gradients`."""
+    return bench_gradients(args.env, env_steps=args.env_steps, batch_size=args.batch_size, plot=args.plot)

@@ -1,18 +1,18 @@
-"""``softflow serve``: a trained policy answers action queries over gRPC (deploy/proto/policy_service.proto).
+"""``softflow serve``: a trained policy answers action queries over gRPC (deploy/serve/proto/policy_service.proto).
 
 One gRPC server (grpc.aio's, on an event loop in a thread of its own) runs:
 
 - ``softflow.v1.PolicyService``: ``Act`` (observations in, best-of-N actions out, as ``softflow.load_policy(...)
   .act`` computes them) and ``Info``; and the standard health service ``grpc.health.v1.Health``.
-- The :class:`~softflow.deploy.serve_policy.Batcher`, which turns concurrent ``Act`` calls into few policy calls.
-- A checkpoint watcher: every ``reload_interval_s`` it looks at the checkpoint file (a run directory's
-  ``checkpoints/latest.pt``, which the learner replaces by an atomic rename); a new file is loaded beside the one
+- The :class:`~softflow.deploy.serve.policy.Batcher`, which turns concurrent ``Act`` calls into few policy calls.
+- A checkpoint watcher: every ``reload_interval_s`` it looks at the checkpoint file (a run directory's newest
+  whole checkpoint set, which training switches in atomically); a new file is loaded beside the one
   serving and swapped in between two batches, so no request is dropped or answered by half of each.
 
 ``softflow serve`` (:func:`serve_forever`) also settles Python's garbage collector once the server is up, which
 raised the batched throughput by a tenth to a fifth (:func:`settle_garbage_collector`).
 
-Hostile input: each request is checked before it is queued (deploy/serve_policy.py says which status each fault
+Hostile input: each request is checked before it is queued (deploy/serve/policy.py says which status each fault
 gets); messages over ``max_message_bytes`` get RESOURCE_EXHAUSTED from gRPC itself, and ``Act`` calls beyond
 ``max_concurrent_rpcs`` in progress get it from the handler (grpc.aio's own limit would hold them back instead);
 calls without the right bearer token get UNAUTHENTICATED. Each refusal is one line naming what is wrong, and the
@@ -43,10 +43,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from softflow.deploy.config import ConfigError
 from softflow.deploy.policies import checkpoint_path
-from softflow.deploy.proto import (AUTH_HEADER, SERVICE_NAME, ActResponse, InfoRequest, InfoResponse, Space,
-                                   read_token, to_tensor)
-from softflow.deploy.serve_policy import (Batcher, CheckpointChanged, RequestError, ServerStopping, file_signature,
-                                          load_served, parse_act_request)
+from softflow.deploy.serve.policy import (
+    Batcher,
+    CheckpointChanged,
+    RequestError,
+    ServerStopping,
+    file_signature,
+    load_served,
+    parse_act_request,
+)
+from softflow.deploy.serve.proto import (
+    AUTH_HEADER,
+    SERVICE_NAME,
+    ActResponse,
+    InfoRequest,
+    InfoResponse,
+    Space,
+    read_token,
+    to_tensor,
+)
 
 log = logging.getLogger("softflow.serve")
 Status = grpc.StatusCode
@@ -210,7 +225,7 @@ class PolicyServer:
         if self._watcher.is_alive():
             self._watcher.join()
 
-    def __enter__(self) -> "PolicyServer":
+    def __enter__(self) -> PolicyServer:
         self.start()
         return self
 
@@ -325,7 +340,7 @@ class PolicyServer:
 def add_serve_arguments(parser) -> None:
     """The ``softflow serve`` flags (deploy/cli.py)."""
     d = ServeOptions()
-    parser.add_argument("path", help="a run directory (its checkpoints/latest.pt, reloaded as training replaces it) "
+    parser.add_argument("path", help="a run directory (its newest checkpoint, reloaded as training writes new ones) "
                                      "or a checkpoint file")
     parser.add_argument("--host", default=d.host, help="address to listen on (default loopback; any other needs "
                                                        "--token-file)")

@@ -41,8 +41,15 @@ import numpy as np
 
 from softflow.deploy.config import ConfigError, load_experiment
 from softflow.deploy.policies import checkpoint_path
-from softflow.deploy.proto import (ACT_METHOD, INFO_METHOD, ActRequest, InfoRequest, PolicyServiceStub, Tensor,
-                                   to_tensor)
+from softflow.deploy.serve.proto import (
+    ACT_METHOD,
+    INFO_METHOD,
+    ActRequest,
+    InfoRequest,
+    PolicyServiceStub,
+    Tensor,
+    to_tensor,
+)
 
 TRAIN_OVERRIDES = ["actors.count=0", "total_env_steps=500", "learner.learning_starts=250", "eval.episodes=0",
                    "wandb.mode=disabled"]
@@ -125,7 +132,7 @@ def prepare_checkpoint(source: str | Path, overrides: list[str], scratch: Path) 
     """The checkpoint to serve: ``source`` itself, or that of a short serial run of the experiment ``source``."""
     if Path(source).suffix not in (".yaml", ".yml"):
         return checkpoint_path(source)
-    from softflow.deploy.driver import train
+    from softflow.deploy.run.driver import train
 
     config = load_experiment(source, [*TRAIN_OVERRIDES, *overrides])
     with contextlib.redirect_stdout(sys.stderr):
@@ -141,7 +148,7 @@ class ServerProcess:
         self.command = [sys.executable, "-m", "softflow.deploy.cli", "serve", str(checkpoint), "--port", "0",
                         "--torch-threads", "1", "--reload-interval", "0", *flags]
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SOFTFLOW_LOG_LEVEL": "WARNING"}
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
@@ -194,7 +201,7 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def closed_loop(server: "ServerProcess", clients: int, connections: int, seconds: float,
+def closed_loop(server: ServerProcess, clients: int, connections: int, seconds: float,
                 method: str = ACT_METHOD) -> dict:
     """h2load's closed loop: ``clients`` concurrent streams over ``connections`` connections, each sending the next
     batch-1 ``Act`` request (or an empty ``Info`` request, ``method=INFO_METHOD``) when its last is answered, for a
@@ -317,3 +324,10 @@ def run_fuzz(server: ServerProcess, requests: int, seed: int = 0) -> dict:
                                     if k not in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")},
             "server_alive": alive, "valid_request_answered_after": valid_after,
             "rss_mb_before": rss[0], "rss_mb_after": rss[-1], "rss_mb_samples": rss}
+
+
+def from_args(args) -> dict:
+    """``softflow bench serve``'s flags (deploy/cli.py) to :func:`bench_serve`."""
+    return bench_serve(args.experiment, args.overrides, seconds=args.seconds, clients=args.clients,
+                       connections=args.connections, fuzz=args.fuzz, max_batch_wait_ms=args.max_batch_wait_ms,
+                       rounds=args.rounds)

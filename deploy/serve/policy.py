@@ -1,6 +1,6 @@
 """Between a gRPC request and the policy: loading a checkpoint for serving, checking requests, batching them.
 
-- :func:`load_served`: a run directory's ``checkpoints/latest.pt`` (or a checkpoint file) as a policy on the
+- :func:`load_served`: a run directory's newest checkpoint set (or a checkpoint file) as a policy on the
   inference device, with the checkpoint's version.
 - :func:`parse_act_request`: raw request bytes to an :class:`ActQuery`, or a :class:`RequestError` with the gRPC
   status and a one-line reason: INVALID_ARGUMENT for malformed requests (not an ActRequest, a dtype other than
@@ -18,17 +18,17 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
+from softflow import checkpoints
 from softflow.deploy.policies import Policy, checkpoint_path, load_policy
-from softflow.deploy.proto import ActRequest, from_tensor
-from softflow.learner.learner import load_checkpoint
+from softflow.deploy.serve.proto import ActRequest, from_tensor
 
 log = logging.getLogger("softflow.serve")
 Status = grpc.StatusCode
@@ -69,7 +69,7 @@ def load_served(path: str | Path, device: torch.device) -> ServedPolicy:
     file = checkpoint_path(path)
     signature = file_signature(file)
     policy = load_policy(file)
-    state = load_checkpoint(file, "cpu")
+    state = checkpoints.load(file, "cpu")
     if file_signature(file) != signature:
         raise CheckpointChanged(str(file))
     algorithm = policy.algorithm

@@ -34,7 +34,7 @@ class _TimeUp(Exception):
 def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
                  seed: int) -> dict[str, float]:
     """softflow's runtime (1 actor, 1 learner) for ``seconds``: env steps/s and updates/s."""
-    from softflow.deploy.runtime import Runtime
+    from softflow.deploy.run.runtime import Runtime
 
     config = parse_experiment({
         "name": "bench-rllib", "seed": seed, "total_env_steps": 10**9, "log_every_steps": LOG_EVERY,
@@ -127,3 +127,9 @@ def bench_rllib(env_id: str = "HalfCheetah-v5", seconds: float = 120.0, batch_si
         "updates_per_s_ratio": ours["updates_per_s"] / max(theirs["updates_per_s"], 1e-9),
     }
 
+
+
+def from_args(args) -> dict:
+    """``softflow bench rllib``'s flags (deploy/cli.py) to :func:`bench_rllib`."""
+    return bench_rllib(args.env, seconds=args.seconds, batch_size=args.batch_size,
+                       updates_per_step=args.updates_per_step)

@@ -24,9 +24,11 @@ every algorithm's policy-step bursts (``policy_frequency`` 1, 2 or 3). docs/benc
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -232,9 +234,7 @@ def log_density_fraction(algorithm, batch: dict[str, torch.Tensor], repeats: int
         for round_index in range(repeats):
             ms = {}
             for with_log_prob in (True, False):
-                def draw() -> object:
-                    return algorithm.policy.sample(next_obs, draws, with_log_prob=with_log_prob)
-
+                draw = functools.partial(algorithm.policy.sample, next_obs, draws, with_log_prob=with_log_prob)
                 ms[with_log_prob] = median_ms(draw, 1, calls, device, warmup if round_index == 0 else 0)
             ratios.append(ms[False] / ms[True])
     return max(0.0, 1.0 - statistics.median(ratios))
@@ -293,8 +293,8 @@ def bench_learner(updates: int = 30, repeats: int = 5, device: str = "auto",
     block_ms: dict[Case, list[float]] = {case: [] for case in cases}
     for _ in range(repeats):
         for case in cases:
-            update, batch = learners[case].update, batches[case.batch_size]
-            block_ms[case].append(median_ms(lambda: update(batch), 1, per_block, dev, 0))
+            update = functools.partial(learners[case].update, batches[case.batch_size])
+            block_ms[case].append(median_ms(update, 1, per_block, dev, 0))
 
     def ms(case: Case) -> float:
         return statistics.median(block_ms[case])
@@ -336,3 +336,9 @@ def bench_learner(updates: int = 30, repeats: int = 5, device: str = "auto",
         "batch_sizes": size_rows,
         "acceptance": ACCEPTANCE,
     }
+
+
+def from_args(args) -> dict:
+    """``softflow bench learner``'s flags (deploy/cli.py) to :func:`bench_learner`."""
+    return bench_learner(updates=args.updates, repeats=args.repeats, device=args.device,
+                         batch_sizes=args.batch_sizes, compile_modes=args.compile, quick=args.quick)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from softflow.deploy.proto import policy_service_pb2 as softflow_dot_deploy_dot_proto_dot_policy__service__pb2
+from softflow.deploy.serve.proto import policy_service_pb2 as softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in softflow/deploy/proto/policy_service_pb2_grpc.py depends on'
+        + ' but the generated code in softflow/deploy/serve/proto/policy_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class PolicyServiceStub:
-    """Best-of-N actions of a trained softflow policy (deploy/serve.py); every call but health checks needs the
+    """Best-of-N actions of a trained softflow policy (deploy/serve/server.py); every call but health checks needs the
     metadata 'authorization: Bearer <token>' when the server was started with --token-file.
     """
 
@@ -38,18 +38,18 @@ class PolicyServiceStub:
         """
         self.Act = channel.unary_unary(
                 '/softflow.v1.PolicyService/Act',
-                request_serializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.ActRequest.SerializeToString,
-                response_deserializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.ActResponse.FromString,
+                request_serializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.ActRequest.SerializeToString,
+                response_deserializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.ActResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/softflow.v1.PolicyService/Info',
-                request_serializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.InfoRequest.SerializeToString,
-                response_deserializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.InfoResponse.FromString,
+                request_serializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.InfoRequest.SerializeToString,
+                response_deserializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.InfoResponse.FromString,
                 _registered_method=True)
 
 
 class PolicyServiceServicer:
-    """Best-of-N actions of a trained softflow policy (deploy/serve.py); every call but health checks needs the
+    """Best-of-N actions of a trained softflow policy (deploy/serve/server.py); every call but health checks needs the
     metadata 'authorization: Bearer <token>' when the server was started with --token-file.
     """
 
@@ -72,13 +72,13 @@ def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Act': grpc.unary_unary_rpc_method_handler(
                     servicer.Act,
-                    request_deserializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.ActRequest.FromString,
-                    response_serializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.ActResponse.SerializeToString,
+                    request_deserializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.ActRequest.FromString,
+                    response_serializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.ActResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.InfoRequest.FromString,
-                    response_serializer=softflow_dot_deploy_dot_proto_dot_policy__service__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.InfoRequest.FromString,
+                    response_serializer=softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,7 +89,7 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
-    """Best-of-N actions of a trained softflow policy (deploy/serve.py); every call but health checks needs the
+    """Best-of-N actions of a trained softflow policy (deploy/serve/server.py); every call but health checks needs the
     metadata 'authorization: Bearer <token>' when the server was started with --token-file.
     """
 
@@ -108,8 +108,8 @@ class PolicyService:
             request,
             target,
             '/softflow.v1.PolicyService/Act',
-            softflow_dot_deploy_dot_proto_dot_policy__service__pb2.ActRequest.SerializeToString,
-            softflow_dot_deploy_dot_proto_dot_policy__service__pb2.ActResponse.FromString,
+            softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.ActRequest.SerializeToString,
+            softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.ActResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -135,8 +135,8 @@ class PolicyService:
             request,
             target,
             '/softflow.v1.PolicyService/Info',
-            softflow_dot_deploy_dot_proto_dot_policy__service__pb2.InfoRequest.SerializeToString,
-            softflow_dot_deploy_dot_proto_dot_policy__service__pb2.InfoResponse.FromString,
+            softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.InfoRequest.SerializeToString,
+            softflow_dot_deploy_dot_serve_dot_proto_dot_policy__service__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
@@ -90,3 +90,8 @@ def bench_act(candidates: int = 32, repeats: int = 7, calls: int = 50, threads: 
         "act": rows,
         "flame_over_ten_step_flow": flame_over_ten_step,
     }
+
+
+def from_args(args) -> dict:
+    """``softflow bench act``'s flags (deploy/cli.py) to :func:`bench_act`."""
+    return bench_act(candidates=args.candidates, repeats=args.repeats, quick=args.quick)

@@ -18,6 +18,8 @@ continues it from the last checkpoint.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,14 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from softflow import checkpoints
 from softflow.actors.envs import LQREnvConfig
 from softflow.actors.evaluate import episode_info_means
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.remote import ReplayStatus, RunSummary
 from softflow.algorithms import Algorithm, make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
-from softflow.deploy.processes import LocalProcesses, RayProcesses
-from softflow.deploy.reports import lqr_report, needs_task_report, task_report
+from softflow.deploy.run.processes import LocalProcesses, RayProcesses
+from softflow.deploy.run.reports import lqr_report, needs_task_report, task_report
 from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, TrainResult
 
 WAIT_TIMEOUT_S = 0.05
@@ -113,7 +116,15 @@ class Runtime:
                  processes: RayProcesses | LocalProcesses | None = None):
         self.config = config
         self.run_dir = run_dir
-        self.checkpoint_path = run_dir / "checkpoints" / "latest.pt"
+        self.checkpoints = run_dir / "checkpoints"
+        restore = None
+        if resume:
+            restore, skipped = checkpoints.newest_set(self.checkpoints)
+            for line in skipped:
+                print(f"softflow: warning: {line}; resuming from an earlier one", file=sys.stderr)
+            if restore is None:
+                raise ConfigError(f"--resume {run_dir}: no whole checkpoint set in {self.checkpoints}; the run cannot "
+                                  f"be continued, start it afresh in a new directory")
         self.counters = Counters(next_log=config.log_every_steps, next_eval=config.eval.every_steps,
                                  next_checkpoint=config.learner.checkpoint_every)
         c = config
@@ -124,11 +135,11 @@ class Runtime:
         self.obs_dim, self.low, self.high = p.get(self.slots[0].handle.spaces.remote())
         self.replay = p.replay(c.replay.capacity, self.obs_dim, len(self.low), c.replay.updates_per_step,
                                c.learner.learning_starts, ratio_tolerance(c), c.seed,
-                               str(run_dir / "checkpoints" / "replay.npz"))
+                               str(self.checkpoints))
         self.learner = p.learner(c.algorithm, self.obs_dim, self.low, self.high,
                                  p.replay_client(self.replay, c.learner.batches_per_request, c.algorithm.batch_size),
                                  c.seed, checkpoint_meta(c, self.obs_dim, self.low, self.high),
-                                 str(self.checkpoint_path) if resume else None, c.learner.compile)
+                                 str(restore / checkpoints.LEARNER_FILE) if restore else None, c.learner.compile)
         self.evaluator = p.evaluator(c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates,
                                      c.seed + 10_000, task_metrics=evaluation_task_metrics(c))
         described = p.get(self.learner.describe.remote())
@@ -141,8 +152,11 @@ class Runtime:
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
-    def run(self, report: Callable[[int, dict[str, float]], None]) -> dict[str, Any]:
-        """Drives the run to ``total_env_steps``; ``report(env_steps, metrics)`` gets each metrics record."""
+    def run(self, report: Callable[[int, dict[str, float]], None],
+            stop_requested: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
+        """Drives the run to ``total_env_steps``; ``report(env_steps, metrics)`` gets each metrics record. When
+        ``stop_requested()`` names a reason (a signal), the run stops at the next step with a checkpoint and
+        :class:`RunStopped`."""
         c, n = self.config, self.counters
         chunk = c.actors.fragment_length * c.actors.envs_per_actor
         pending = 0  # transitions of runs submitted but not yet in the replay buffer
@@ -151,6 +165,8 @@ class Runtime:
         eval_task, status_task = None, None
         window = Window()
         while n.env_steps < c.total_env_steps:
+            if stop_requested():
+                self._stop(stop_requested(), learner_task, adds)
             for slot in self.slots:
                 while (len(slot.runs) < self.processes.runs_in_flight and n.env_steps + pending < c.total_env_steps
                        and self.status.insert_allowance - pending >= chunk):
@@ -196,6 +212,17 @@ class Runtime:
         self.checkpoint()
         return self.finish()
 
+    def _stop(self, reason: str, learner_task, adds: dict) -> None:
+        """Stops the run where it is: the transitions on their way into the replay actor are counted, the learner's
+        call finishes, and a checkpoint is written; runs still in flight are dropped (they were never counted)."""
+        for ref, transitions in adds.items():
+            self.status = self.processes.get(ref)
+            self.counters.env_steps += transitions
+        self._learner_result(learner_task)
+        self.checkpoint()
+        raise RunStopped(f"stopped by {reason} at {self.counters.env_steps} env steps with a checkpoint. Continue "
+                         f"it with: softflow train --resume {self.run_dir}")
+
     def _submit(self, slot: ActorSlot, random_actions: bool) -> None:
         weights = None if slot.version == self.weights.version else self.weights.reference
         slot.version = self.weights.version
@@ -239,9 +266,21 @@ class Runtime:
         return result
 
     def checkpoint(self) -> None:
-        """The learner writes networks, optimisers and the driver's counters; the replay actor its buffer."""
-        self.processes.get([self.learner.save_checkpoint.remote(str(self.checkpoint_path), asdict(self.counters)),
-                 self.replay.save.remote()])
+        """One consistent checkpoint set (softflow/checkpoints.py): the learner writes its state and the driver's
+        counters, the replay actor its buffer and limiter, into one staging directory, which the learner then seals
+        and switches in. A write that fails (a full disk) stops the run with one line; the sets before it stay."""
+        staging = checkpoints.staging_path(self.checkpoints, self.counters.env_steps)
+        try:
+            self.processes.get([self.learner.save_checkpoint.remote(str(staging), asdict(self.counters)),
+                                self.replay.save.remote(str(staging))])
+            self.processes.get(self.learner.commit_checkpoint.remote(str(staging), self.counters.env_steps,
+                                                                     self.config.learner.keep_checkpoints))
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            cause = getattr(exc, "cause", exc)  # through Ray, the writer's own OSError
+            raise RunStopped(f"could not write a checkpoint into {self.checkpoints} ({cause.strerror or cause}); the "
+                             f"earlier checkpoints are intact. Free space, then continue with: softflow train "
+                             f"--resume {self.run_dir}") from None
 
     def finish(self) -> dict[str, Any]:
         c = self.config

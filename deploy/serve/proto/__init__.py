@@ -1,4 +1,4 @@
-"""The wire format of softflow's policy service, shared by the server (deploy/serve.py) and the client.
+"""The wire format of softflow's policy service, shared by the server (deploy/serve/server.py) and the client.
 
 ``policy_service.proto`` defines the service; ``policy_service_pb2*.py`` are generated from it and committed (the
 command that regenerates them heads the .proto). This module adds what both sides need around the messages: arrays
@@ -14,9 +14,15 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import Message
 
-from softflow.deploy.proto.policy_service_pb2 import (ActRequest, ActResponse, InfoRequest, InfoResponse, Space,
-                                                      Tensor)
-from softflow.deploy.proto.policy_service_pb2_grpc import PolicyServiceStub
+from softflow.deploy.serve.proto.policy_service_pb2 import (
+    ActRequest,
+    ActResponse,
+    InfoRequest,
+    InfoResponse,
+    Space,
+    Tensor,
+)
+from softflow.deploy.serve.proto.policy_service_pb2_grpc import PolicyServiceStub
 
 SERVICE_NAME = "softflow.v1.PolicyService"
 ACT_METHOD = f"/{SERVICE_NAME}/Act"

@@ -11,20 +11,37 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, dump_config
-from softflow.deploy.metrics import MetricsLogger
-from softflow.deploy.progress import TrainingProgress, print_summary
+from softflow.deploy.run.metrics import MetricsLogger
+from softflow.deploy.run.progress import TrainingProgress, print_summary
 from softflow.learner.learner import TrainingDiverged, learner_device
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
-    return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    """``runs/<name>-<time>-<4 random hex digits>``: two runs started in the same second get different ones."""
+    return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A fresh run needs a directory that holds no run: one line (ConfigError) instead of touching an old run's
+    files, naming ``--resume`` and a free directory."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory; give a new directory, e.g. "
+                          f"runs/{run_dir.stem}-run")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        free = next(run_dir.with_name(f"{run_dir.name}-{i}") for i in range(2, 10_000)
+                    if not run_dir.with_name(f"{run_dir.name}-{i}").exists())
+        raise ConfigError(f"{run_dir} already holds a run; continue it with 'softflow train --resume {run_dir}' "
+                          f"or start a new one in a free directory (e.g. --run-dir {free})")
 
 
 Report = Callable[[int, dict[str, float]], None]
@@ -35,7 +52,9 @@ def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, addres
           resume: bool = False) -> dict[str, Any]:
     """Trains ``config``, writes the run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json,
     learning_curve.png, W&B files, and the task reports of reports.py: lqr.json, multigoal.json and .png) and
-    returns the summary."""
+    returns the summary. A fresh run refuses a directory that already holds one (:func:`check_fresh_run_dir`)."""
+    if not resume:
+        check_fresh_run_dir(run_dir)
     if config.actors.count > 0:
         with ray_connection(address):
             return _train(config, run_dir, progress, resume)
@@ -58,7 +77,8 @@ def _train(config: ExperimentConfig, run_dir: Path, progress: bool, resume: bool
             display.update(env_steps, metrics)
 
         try:
-            summary = run_loop(config, run_dir, report, resume)
+            with stop_on_signals() as stop:
+                summary = run_loop(config, run_dir, report, resume, stop)
         except TrainingDiverged as exc:
             logger.abort()
             cause = getattr(exc, "cause", exc)  # through Ray, the learner's exception is the cause
@@ -72,15 +92,48 @@ def _train(config: ExperimentConfig, run_dir: Path, progress: bool, resume: bool
     return summary
 
 
-def run_loop(config: ExperimentConfig, run_dir: Path, report: Report, resume: bool) -> dict[str, Any]:
+def run_loop(config: ExperimentConfig, run_dir: Path, report: Report, resume: bool,
+             stop_requested: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
     """Runs the training loop, on the Ray this process is connected to or (serial mode) in this process."""
-    from softflow.deploy.runtime import Runtime
+    from softflow.deploy.run.runtime import Runtime
 
     runtime = Runtime(config, run_dir, resume=resume)
     try:
-        return runtime.run(report)
+        return runtime.run(report, stop_requested)
     finally:
         runtime.close()
+
+
+class StopRequest:
+    """Set by SIGTERM (``ray job stop``, Kubernetes, Slurm) or SIGINT: the loop stops at its next step with a
+    checkpoint. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def __call__(self) -> str | None:
+        return self.reason
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Routes SIGTERM and SIGINT to a :class:`StopRequest` while the loop runs (in the main thread only; a Tune
+    trial's thread keeps Tune's own handling)."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {signum: signal.signal(signum, request.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
