@@ -27,7 +27,7 @@ from softflow.algorithms.meanflow import MeanFlowNetwork, MeanFlowPolicy, meanfl
 from softflow.algorithms.policy import PolicySample
 from softflow.algorithms.squash import Squash
 from softflow.deploy.config import load_experiment
-from softflow.deploy.reports import fit_linear_gaussian
+from softflow.deploy.run.reports import fit_linear_gaussian
 from test_fixed_energy import ALPHA, WEIGHTS, FixedEnergy, exact_samples, mmd2, mode_weights
 
 M = torch.tensor([0.8, -0.3], dtype=torch.float64)
