@@ -10,7 +10,7 @@ import contextlib
 import io
 import re
 from collections.abc import Collection, Iterable
-from typing import Annotated, Any, Literal, SupportsFloat, Union
+from typing import Annotated, Any, Literal, SupportsFloat
 
 import gymnasium
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -53,7 +53,7 @@ def _env_kind(value: Any) -> str:
 
 
 EnvConfig = Annotated[
-    Union[Annotated[LQREnvConfig, Tag("lqr")], Annotated[GymEnvConfig, Tag("gym")]], Discriminator(_env_kind)
+    Annotated[LQREnvConfig, Tag("lqr")] | Annotated[GymEnvConfig, Tag("gym")], Discriminator(_env_kind)
 ]
 
 

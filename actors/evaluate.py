@@ -4,7 +4,8 @@ evaluates best-of-32, the others one sample)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium
 import numpy as np

@@ -58,7 +58,8 @@ def _as_matrix(key: str, value: ArrayLike) -> np.ndarray:
         raise ValueError(f"{key} must be a 2-D matrix of numbers (a list of equal-length lists); "
                          f"could not convert the {type(value).__name__} given: {exc}") from None
     if mat.ndim != 2 or mat.size == 0:
-        raise ValueError(f"{key} must be a non-empty 2-D matrix (a list of lists, e.g. [[1.0]]); got an array of shape {mat.shape}")
+        raise ValueError(f"{key} must be a non-empty 2-D matrix (a list of lists, e.g. [[1.0]]); got an array of "
+                         f"shape {mat.shape}")
     if not np.all(np.isfinite(mat)):
         raise ValueError(f"{key} contains NaN or infinite entries; every entry must be a finite number")
     return mat
@@ -73,7 +74,8 @@ def _check_symmetric(key: str, mat: np.ndarray) -> None:
     scale = max(1.0, float(np.max(np.abs(mat))))
     asym = float(np.max(np.abs(mat - mat.T)))
     if asym > _SYM_TOL * scale:
-        raise ValueError(f"{key} is not symmetric (max |M - M^T| = {asym:.3g}); use a symmetric matrix, e.g. (M + M^T)/2")
+        raise ValueError(f"{key} is not symmetric (max |M - M^T| = {asym:.3g}); use a symmetric matrix, "
+                         f"e.g. (M + M^T)/2")
 
 
 def _min_eig(mat: np.ndarray) -> tuple[float, float]:
@@ -94,7 +96,8 @@ def _check_gamma(gamma: float) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"algorithm.gamma must be a number in (0, 1); got {gamma!r}") from None
     if not (0.0 < g < 1.0):
-        raise ValueError(f"algorithm.gamma must satisfy 0 < gamma < 1 for the discounted LQR; got {gamma!r}, use e.g. 0.99")
+        raise ValueError(f"algorithm.gamma must satisfy 0 < gamma < 1 for the discounted LQR; got {gamma!r}, "
+                         f"use e.g. 0.99")
     return g
 
 

@@ -13,14 +13,15 @@ from pydantic import Field
 
 from softflow.algorithms.base import Algorithm, AlgorithmConfig
 from softflow.algorithms.flame import FLAME
-from softflow.algorithms.fmer import FMER, FMERConfig
-from softflow.algorithms.isfm import ISFM, ISFMConfig
-from softflow.algorithms.sac import SAC, SACConfig
+from softflow.algorithms.fmer import FMER
+from softflow.algorithms.isfm import ISFM
+from softflow.algorithms.sac import SAC
 from softflow.algorithms.sacflow import SACFlow
 
 ALGORITHMS: dict[str, type[Algorithm]] = {"sac": SAC, "isfm": ISFM, "fmer": FMER, "sacflow": SACFlow, "flame": FLAME}
 
-AnyAlgorithmConfig = Annotated[Union[tuple(cls.Config for cls in ALGORITHMS.values())], Field(discriminator="name")]
+AnyAlgorithmConfig = Annotated[Union[tuple(cls.Config for cls in ALGORITHMS.values())],  # noqa: UP007 (a union of a tuple)
+                               Field(discriminator="name")]
 
 
 def make_algorithm(config: AlgorithmConfig, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,

@@ -63,6 +63,7 @@ class Algorithm(abc.ABC):
 
     def set_progress(self, fraction: float) -> None:
         """Tells the algorithm how far training is (0 at the start, 1 at the end of the budget), for schedules."""
+        return None
 
     @abc.abstractmethod
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

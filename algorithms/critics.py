@@ -17,8 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.nn import functional as F
 
-from softflow.algorithms.networks import mlp, polyak_update
-
+from softflow.algorithms.networks import polyak_update
 
 NO_GRAD_CHUNK = 4096
 

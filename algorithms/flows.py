@@ -24,7 +24,8 @@ off by -dt^2 tr(J^2) / 2 per Euler step and by O(dt^3) per midpoint step. The sq
 Base width. A target much narrower than the noise (four lobes of std 0.1 in the multi-goal task against N(0, I)) is
 slow to fit by flow matching: the velocity field must contract space tenfold and split it four ways. With
 sigma_0 = 0.5, plain flow matching on exact samples of those lobes reaches 0.81 of samples heading for a goal
-(exact: 0.92) in 400 steps at lr 1e-2, where sigma_0 = 1 is still at 0.49 (docs/results.md, "FMER, the multi-goal task").
+(exact: 0.92) in 400 steps at lr 1e-2, where sigma_0 = 1 is still at 0.49 (docs/results.md, "FMER, the multi-goal
+task").
 
 Guard. A learned Euler step can fold space: det(I + dt J) crosses zero, most often at the last step of a narrow
 policy, whose step maps x_t to the predicted endpoint and legitimately contracts almost to a point. At a fold the
@@ -42,88 +43,16 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp
 
-from softflow.algorithms.networks import mlp
+from softflow.algorithms.fields import MLPVelocity, VelocityField
 from softflow.algorithms.policy import PolicySample, draw_base_noise, standard_normal_log_prob
 from softflow.algorithms.squash import Squash
+from softflow.algorithms.velocities import DecodedVelocity, GatedVelocity
 
 Integrator = Literal["euler", "midpoint"]
 LogProbMethod = Literal["exact", "hutchinson"]
 STEP_LOG_DET_FLOOR = math.log(1e-3)
-
-
-class TimeEmbedding(nn.Module):
-    """Sinusoidal features of t in [0, 1]: sin and cos at geometrically spaced frequencies 1..max_frequency."""
-
-    def __init__(self, dim: int, max_frequency: float = 1000.0):
-        super().__init__()
-        if dim % 2:
-            raise ValueError(f"time embedding dimension must be even, got {dim}")
-        self.register_buffer("freqs", torch.logspace(0, math.log10(max_frequency), dim // 2))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        angles = t * self.freqs
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
-class VelocityField(nn.Module):
-    """Interface: ``forward(x (B, d), t (B, 1), obs (B, o)) -> velocity (B, d)``, and its Jacobian in x."""
-
-    act_dim: int
-
-    def forward_and_jacobian(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v, J) with J[b, i, j] = dv_i/dx_j. Generic: one forward pass and d batched vector-Jacobian products
-        (``torch.func.vjp`` under ``vmap``); fields with a cheaper closed form override it."""
-        v, pullback = vjp(lambda xx: self(xx, t, obs), x)
-        basis = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-        rows = vmap(lambda e: pullback(e.expand_as(x))[0])(basis)  # rows[i] = e_i^T dv/dx, shape (d, B, d)
-        return v, rows.transpose(0, 1)
-
-
-class MLPVelocity(VelocityField):
-    """v(x, t, s) = MLP([x, emb(t), s]) with SiLU units; the last layer starts at zero, so the initial policy is
-    the base distribution N(0, I) pushed through the squashing map."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], time_dim: int = 32,
-                 time_max_frequency: float = 1000.0):
-        super().__init__()
-        self.act_dim = act_dim
-        self.time = TimeEmbedding(time_dim, time_max_frequency)
-        self.net = mlp(act_dim + time_dim + obs_dim, hidden, act_dim, activation=nn.SiLU)
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, self.time(t), obs], dim=-1))
-
-    def forward_and_jacobian(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward-mode through the MLP in closed form, no autograd graph. With pre-activations p_l, SiLU'(p) =
-        s (1 + p (1 - s)), s = sigmoid(p), and W_1x the x-columns of the first layer,
-            J = W_L D_{L-1} W_{L-1} ... W_2 D_1 W_1x,   D_l = diag(SiLU'(p_l)).
-        The first product is fused into one GEMM: C[b, j, :] = W_2 D_1 W_1x[:, j] = sum_l SiLU'(p_1)[b, l]
-        T[j, :, l] with the fixed tensor T[j, k, l] = W_2[k, l] W_1x[l, j], so the (B, d, width) tangent is born
-        as a GEMM's output instead of being built elementwise and read back (2x faster at d = 6, width 256);
-        every later layer scales it by D_l in place and right-multiplies by W^T."""
-        linears = [layer for layer in self.net if isinstance(layer, nn.Linear)]
-        d = self.act_dim
-        h = linears[0](torch.cat([x, self.time(t), obs], dim=-1))
-        first = linears[0].weight[:, :d]  # W_1x, (width_1, d)
-        fused = (first.unsqueeze(-1) * linears[1].weight.T.unsqueeze(1)).flatten(1)  # T as (width_1, d * width_2)
-        grad_t = (silu_grad(h) @ fused).view(x.shape[0], d, -1)  # (B, d, width_2): the tangent after layer 2
-        h = linears[1](nn.functional.silu(h))
-        for layer in linears[2:]:
-            grad_t = grad_t.mul_(silu_grad(h).unsqueeze(1)) @ layer.weight.T
-            h = layer(nn.functional.silu(h))
-        return h, grad_t.transpose(1, 2)
-
-
-def silu_grad(pre: torch.Tensor) -> torch.Tensor:
-    """d SiLU(p) / dp = s (1 + p (1 - s)) with s = sigmoid(p)."""
-    sig = torch.sigmoid(pre)
-    return sig * (1 + pre * (1 - sig))
 
 
 class FlowPolicy(nn.Module):
@@ -267,8 +196,6 @@ def make_velocity(config: FlowConfig, obs_dim: int, act_dim: int) -> VelocityFie
     """The velocity field ``config.velocity`` names."""
     if config.velocity == "mlp":
         return MLPVelocity(obs_dim, act_dim, config.hidden, config.time_dim)
-    from softflow.algorithms.velocities import DecodedVelocity, GatedVelocity  # velocities.py builds on this module
-
     if config.velocity == "gated":
         return GatedVelocity(obs_dim, act_dim, config.hidden, config.time_dim)
     return DecodedVelocity(obs_dim, act_dim, config.d_model, config.heads, config.layers, config.time_dim)

@@ -100,7 +100,7 @@ class FMERConfig(CandidateConfig):
         return {"log_prob": "hutchinson", **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
-    def _temperature_positive(self) -> "FMERConfig":
+    def _temperature_positive(self) -> FMERConfig:
         if self.tune_mirror_temperature or self.mirror_temperature > 0:
             return self
         if not self.entropy_term:

@@ -17,7 +17,7 @@ independent of the one-step sampler, of the instantaneous field v(x, tau) = u(x,
 latent x_1 backwards with Euler steps y <- y - dt v(y, tau_k), tau_k = k / K_e for k = K_e..1 (the code's
 reverse solve), reaching x^_0 = G(x_1). The density of the map actually solved is exact:
     log p(x_1 | s) = log N(x^_0; 0, I) + sum_k log |det(I - dt J_v(y_k, tau_k))|                       (3)
-(``exact``: per-step Jacobians in closed form for the MLP, flows.MLPVelocity; each step's log|det| floored as in
+(``exact``: per-step Jacobians in closed form for the MLP, fields.MLPVelocity; each step's log|det| floored as in
 flows.py). ``hutchinson`` replaces each term by its first-order estimate -dt eps^T J_v eps with one Rademacher probe
 per step (the code's estimator), for large action dimensions. As K_e grows, (3) tends to the instantaneous change
 of variables of the flow that u(., 0, 1) integrates in one step; the one-step sampler's own map is not used, so its
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from softflow.algorithms.flows import STEP_LOG_DET_FLOOR, MLPVelocity
+from softflow.algorithms.fields import MLPVelocity
+from softflow.algorithms.flows import STEP_LOG_DET_FLOOR
 from softflow.algorithms.policy import PolicySample, draw_base_noise, standard_normal_log_prob
 from softflow.algorithms.squash import Squash
 

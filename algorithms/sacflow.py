@@ -68,7 +68,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
-from softflow.algorithms.flows import FlowConfig, FlowPolicy, VelocityField, make_velocity
+from softflow.algorithms.fields import VelocityField
+from softflow.algorithms.flows import FlowConfig, FlowPolicy, make_velocity
 from softflow.algorithms.networks import mlp
 from softflow.algorithms.policy import PolicySample, draw_base_noise, standard_normal_log_prob
 from softflow.algorithms.squash import Squash

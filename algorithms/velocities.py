@@ -1,6 +1,6 @@
 """SAC Flow's velocity parameterisations (arXiv 2509.25756, section "velocity reparameterisation"): Flow-G (gated)
-and Flow-T (decoded). Both implement ``flows.VelocityField``, so any flow algorithm can use them
-(``flow.velocity: gated | decoded``); ``flows.MLPVelocity`` is the naive one they are compared with.
+and Flow-T (decoded). Both implement ``fields.VelocityField``, so any flow algorithm can use them
+(``flow.velocity: gated | decoded``); ``fields.MLPVelocity`` is the naive one they are compared with.
 
 The K-step Euler rollout A_{i+1} = A_i + dt v(t_i, A_i, s) is a residual recurrent network; backpropagating through
 it multiplies K Jacobians I + dt dv/dA, which explode or vanish like an RNN's. The two fields borrow the cures of
@@ -20,7 +20,7 @@ sequence models:
   the normalised read-out, not from the attention pattern. The attention is still written in its general
   multi-head form (any number of context tokens), with plain linear maps so ``torch.func`` can differentiate it.
 
-Choices the paper leaves open: the time embedding is the sinusoidal one of ``flows.TimeEmbedding`` fed directly
+Choices the paper leaves open: the time embedding is the sinusoidal one of ``fields.TimeEmbedding`` fed directly
 (the code adds a small MLP on top, which the first layer of each network subsumes); Flow-T's read-out W_o starts
 at zero, so the initial policy is the base distribution pushed through the squashing map, like MLPVelocity's;
 FFN width 4 d_model with GELU (the code's). Sizes default to the code's: hidden 512 for Flow-G's two networks
@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from softflow.algorithms.flows import TimeEmbedding, VelocityField
+from softflow.algorithms.fields import TimeEmbedding, VelocityField
 from softflow.algorithms.networks import mlp
 
 DEFAULT_GATE_BIAS = 5.0

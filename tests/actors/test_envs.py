@@ -58,7 +58,8 @@ def test_completed_tasks_counts_distinct_goal_tasks() -> None:
 
 class ScriptedKitchen(gymnasium.Env):
     """Reports scripted task completions the way KitchenEnv does, including its one reused
-    ``episode_task_completions`` list that reset clears. Episode ``seed`` completes ``script[seed]``, one task a step."""
+    ``episode_task_completions`` list that reset clears. Episode ``seed`` completes ``script[seed]``, one task a
+    step."""
 
     def __init__(self, script: dict[int, list[str]]) -> None:
         self.goal = {"microwave": np.zeros(1), "kettle": np.zeros(7)}

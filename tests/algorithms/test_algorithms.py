@@ -16,7 +16,7 @@ from softflow.algorithms.sac import SACConfig
 
 OBS, ACT = 3, 2
 SMALL = {
-    "sac": SACConfig(hidden=[32, 32], critic={"hidden": [32, 32]}, batch_size=32),
+    "sac": SACConfig(hidden=[32, 32], critic={"hidden": [32, 32]}, batch_size=32, alpha=0.2),
     "isfm": ISFMConfig(flow={"hidden": [32, 32], "steps": 3}, critic={"hidden": [32, 32]}, batch_size=32,
                        num_candidates=4),
     "fmer": FMERConfig(flow={"hidden": [32, 32], "steps": 3}, critic={"hidden": [32, 32]}, batch_size=32,

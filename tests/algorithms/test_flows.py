@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from softflow.algorithms.flows import FlowPolicy, MLPVelocity, VelocityField
+from softflow.algorithms.fields import MLPVelocity, VelocityField
+from softflow.algorithms.flows import FlowPolicy
 from softflow.algorithms.policy import standard_normal_log_prob
 from softflow.algorithms.squash import Squash, log1m_tanh_sq
 

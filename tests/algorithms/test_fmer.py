@@ -11,9 +11,15 @@ from pydantic import ValidationError
 from torch import nn
 
 from softflow.algorithms import make_algorithm
-from softflow.algorithms.flows import FlowPolicy, VelocityField
-from softflow.algorithms.fmer import (FMERConfig, candidate_weights, effective_sample_fraction, entropy_loss,
-                                      ess_temperature)
+from softflow.algorithms.fields import VelocityField
+from softflow.algorithms.flows import FlowPolicy
+from softflow.algorithms.fmer import (
+    FMERConfig,
+    candidate_weights,
+    effective_sample_fraction,
+    entropy_loss,
+    ess_temperature,
+)
 from softflow.algorithms.isfm import ISFMConfig
 from softflow.algorithms.squash import Squash
 

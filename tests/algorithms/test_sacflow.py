@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from softflow.algorithms import make_algorithm
-from softflow.algorithms.flows import MLPVelocity, VelocityField
+from softflow.algorithms.fields import MLPVelocity, VelocityField
 from softflow.algorithms.sacflow import LOG_STD_MAX, LOG_STD_MIN, NoiseAugmentedFlow, SACFlowConfig, StateLogStd
 from softflow.algorithms.squash import Squash
 from softflow.deploy.config import load_experiment

@@ -28,7 +28,7 @@ def test_smoke_bench_act_quick_times_every_algorithm_at_both_batch_sizes():
     rows = {(row["algorithm"], row["batch"]): row for row in report["act"]}
     assert set(rows) == {(name, b) for name in ("sac", "flame", ten_step, "sacflow") for b in (1, 64)}
     assert {rows[(name, 1)]["policy_steps"] for name in ("flame", ten_step, "sacflow")} == {1, 10, 4}
-    for (name, batch), row in rows.items():
+    for (_, batch), row in rows.items():
         assert positive(row["ms_per_call"]) and math.isclose(row["ms_per_action"] * batch, row["ms_per_call"])
         assert math.isclose(row["over_sac"], row["ms_per_call"] / rows[("sac", batch)]["ms_per_call"])
     for batch in (1, 64):

@@ -54,8 +54,8 @@ def test_offline_run_writes_metrics_jsonl_and_a_wandb_run_in_the_run_dir(tmp_pat
     logged = [(100, {"train/episode_return": -5.5, "learner/updates": 7}),
               (200, {"train/episode_return": -2.25, "eval/episode_return": 1.5, "weights/version_lag": 1})]
     logger = offline_logger(run_dir, tags=["unit"], group="g")
-    for env_steps, metrics in logged:
-        logger.log(env_steps, metrics)
+    for env_steps, record in logged:
+        logger.log(env_steps, record)
 
     assert read_metrics(run_dir / "metrics.jsonl") == [{"env_steps": s, **m} for s, m in logged]
     (offline_dir,) = all_offline_run_dirs(run_dir)

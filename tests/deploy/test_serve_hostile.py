@@ -51,7 +51,9 @@ def raw_act(server):
     channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 1 << 26)])
     act = channel.unary_unary(ACT_METHOD)
 
-    def send(raw: bytes, metadata=bearer(TOKEN)) -> tuple[grpc.StatusCode, str]:
+    with_token = bearer(TOKEN)
+
+    def send(raw: bytes, metadata=with_token) -> tuple[grpc.StatusCode, str]:
         try:
             act(raw, timeout=30, metadata=metadata)
         except grpc.RpcError as exc:
