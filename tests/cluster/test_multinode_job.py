@@ -33,7 +33,7 @@ SHORT_RUN = ["total_env_steps=400", "log_every_steps=100", "learner.learning_sta
              "actors.num_cpus=0.5", "learner.num_cpus=0.5", "replay.updates_per_step=0.25",
              "actors.resources={rollout: 1}", "learner.resources={learner: 1}", "wandb.mode=offline"]
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from softflow.deploy.config import load_experiment, parse_experiment
 from softflow.deploy.run.driver import train
 from softflow.deploy.run.runtime import Runtime
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
 
 
 @pytest.fixture(scope="module", autouse=True)

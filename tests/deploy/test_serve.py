@@ -31,6 +31,8 @@ from softflow.deploy.config import parse_experiment
 from softflow.deploy.run.driver import train
 from softflow.deploy.serve.server import GC_YOUNG_THRESHOLD, PolicyServer, ServeOptions, settle_garbage_collector
 
+pytestmark = pytest.mark.grpc
+
 OBS_DIM = 4  # InvertedPendulum-v5
 CANDIDATES = 4
 

@@ -13,6 +13,8 @@ from test_serve import one_torch_thread, train_tiny_run  # noqa: F401 (an autous
 from softflow.deploy.bench.serve import bench_serve
 from softflow.deploy.config import ConfigError
 
+pytestmark = pytest.mark.grpc
+
 needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None,
                                   reason="h2load not installed (apt-get install nghttp2-client; .ci/run installs it)")
 

@@ -29,6 +29,8 @@ from softflow.deploy.bench.serve import fuzz_request
 from softflow.deploy.serve.proto import ACT_METHOD, ActRequest, Tensor, bearer, to_tensor
 from softflow.deploy.serve.server import PolicyServer, ServeOptions
 
+pytestmark = pytest.mark.grpc
+
 TOKEN = os.urandom(16).hex()
 LIMITS = dict(max_request_rows=16, max_candidates=8, max_message_bytes=64 * 1024)
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED

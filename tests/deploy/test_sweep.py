@@ -30,6 +30,8 @@ from softflow.deploy.sweep.spec import (
     trial_name,
 )
 
+pytestmark = pytest.mark.ray
+
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "cluster" / "sweeps"
 ACTOR_SCALING = SWEEPS / "actor-scaling.yaml"
