@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_fixed_energy import ALPHA, WEIGHTS, FixedEnergy, exact_samples, mmd2, mode_weights
 from torch import nn
 from torch.func import jvp
 
@@ -28,7 +29,6 @@ from softflow.algorithms.policy import PolicySample
 from softflow.algorithms.squash import Squash
 from softflow.deploy.config import load_experiment
 from softflow.deploy.run.reports import fit_linear_gaussian
-from test_fixed_energy import ALPHA, WEIGHTS, FixedEnergy, exact_samples, mmd2, mode_weights
 
 M = torch.tensor([0.8, -0.3], dtype=torch.float64)
 S = torch.tensor([0.5, 1.5], dtype=torch.float64)
