@@ -105,9 +105,10 @@ def test_dump_config_round_trips(overrides):
 
 
 def test_dump_config_round_trips_for_sac(tmp_path):
+    from softflow.algorithms.sac import SACConfig
+
     tree = read_yaml(EXPERIMENT)
-    for key in ("num_candidates", "flow"):
-        del tree["algorithm"][key]
+    tree["algorithm"] = {k: v for k, v in tree["algorithm"].items() if k in SACConfig.model_fields}
     tree["algorithm"]["name"] = "sac"
     config = parse_experiment(tree)
     assert config.algorithm.name == "sac" and config.algorithm.hidden == [256, 256]
@@ -276,7 +277,8 @@ def test_gym_env_with_lqr_keys_names_them():
 def test_switching_algorithm_by_name_alone_names_the_foreign_keys():
     # algorithm.name=sac keeps the file's ISFM-only keys, which SAC does not have.
     message = config_error(load_experiment, EXPERIMENT, ["algorithm.name=sac"])
-    assert message.startswith("algorithm.num_candidates, algorithm.flow: unknown keys for algorithm 'sac'"), message
+    assert message.startswith("algorithm.num_candidates, algorithm.improve_at, algorithm.flow: unknown keys for "
+                              "algorithm 'sac'"), message
 
 
 def test_switching_algorithm_by_replacing_the_section():
