@@ -4,7 +4,8 @@ soft-optimal N(-K* x, Sigma*) (SAC Flow: to the optimum of its path-density obje
 systems that are not the one in the file: 1, 2 and 3 action dimensions, well- and badly-conditioned R.
 
 The tolerances are each algorithm's acceptance: ISFM K 0.05 and Sigma 0.10 (its paper's case study); FMER and
-FLAME K 0.10 and Sigma 0.20; SAC Flow K 0.05 and Sigma 0.25."""
+FLAME K 0.10 and Sigma 0.20; SAC Flow K and Sigma 0.10, Sigma against its path-density optimum
+(K alpha / 2) diag(H_uu)^-1 (lqr.json's target: path_density_optimum)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "cluster" / "experiments"
 SCRIPT = Path(sys.executable).with_name("softflow")
-TOLERANCE = {"isfm": (0.05, 0.10), "fmer": (0.10, 0.20), "flame": (0.10, 0.20), "sacflow": (0.05, 0.25)}
+TOLERANCE = {"isfm": (0.05, 0.10), "fmer": (0.10, 0.20), "flame": (0.10, 0.20), "sacflow": (0.10, 0.10)}
 
 
 def diagonal(*values: float) -> str:
