@@ -79,10 +79,10 @@ Choices the paper leaves open, with the reason:
 - r_min = 0.05, not the code's 1e-3: the likelihood's spread (1 - r) / r grows without bound as r -> 0 (19 at 0.05,
   999 at 1e-3), and u(x, 0, 1) extrapolates over [0, 0.05].
 - K = 50, half the low end of the code's 100 to 500: with (7) each candidate counts (ESS / K 0.64 at d = 6, 0.36
-  at d = 17, against 1e-4 to 1e-2 at d = 6 from the likelihood), so 50 leave an ESS of 18 or more up to d = 17 and
-  the estimated field's slope within 1 % for r <= 0.5 (docs/algorithms.md section 5). Cost at MuJoCo sizes on a
-  CPU (``softflow bench learner``): an update is 10.3 CleanRL SAC updates at K = 100, 7.6 at K = 50, two thirds of
-  it then the 20-step exact entropy solve. The experiment files keep the code's 100.
+  at d = 17; from the likelihood alone (6) gives 2e-9 at d = 6, r = 0.05), so 50 leave an ESS of 18 or more up to
+  d = 17 and the estimated field's slope within 1 % for r <= 0.5 (docs/algorithms.md section 5). Cost at MuJoCo
+  sizes on a CPU (``softflow bench learner``): an update is 10.3 CleanRL SAC updates at K = 100, 7.6 at K = 50, two
+  thirds of it then the 20-step exact entropy solve. The experiment files keep the code's 100.
 - Truncated candidates are drawn by the inverse CDF in float64, with bounds in the upper tail mirrored to the lower
   one and the standardised bounds clipped at +-37, so that a posterior far outside the box puts its candidates
   on the nearest face instead of underflowing. The Gaussian part of (7) is drawn unrestricted; its candidates
