@@ -62,7 +62,7 @@ BAD_INPUTS = [
     ("override-into-a-value", EXPERIMENT, ["seed.x=1"], "override seed.x: seed is a value, not a section"),
     ("unknown-algorithm", EXPERIMENT, ["algorithm.name=foo"], "algorithm: Input tag 'foo' found using 'name'"),
     ("algorithm-switch-by-name", EXPERIMENT, ["algorithm.name=sac"],
-     "algorithm.num_candidates, algorithm.flow: unknown keys for algorithm 'sac'"),
+     "algorithm.num_candidates, algorithm.improve_at, algorithm.flow: unknown keys for algorithm 'sac'"),
     ("bad-num-gpus", EXPERIMENT, ["learner.num_gpus=gpu"],
      "learner.num_gpus: must be 'auto' or a number >= 0 (got 'gpu')"),
     ("unknown-gym-id", EXPERIMENT, ["env={id: NoSuchEnv-v0}"], "env.id: unknown environment 'NoSuchEnv-v0'"),
