@@ -16,7 +16,6 @@ all algorithms and batches taken in turn within each repeat (round robin, so loa
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
@@ -28,6 +27,7 @@ from softflow.algorithms.flame import FLAMEConfig
 from softflow.algorithms.fmer import FMERConfig
 from softflow.algorithms.sac import SACConfig
 from softflow.algorithms.sacflow import SACFlowConfig
+from softflow.deploy.bench.timing import ms_per_call
 from softflow.deploy.config import ConfigError
 
 OBS_DIM, ACT_DIM = 105, 8
@@ -44,10 +44,7 @@ def round_robin_ms(calls_of: dict, repeats: int, calls: int, warmup: int) -> dic
     samples: dict = {key: [] for key in calls_of}
     for _ in range(repeats):
         for key, fn in calls_of.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[key].append((time.perf_counter() - start) / calls * 1e3)
+            samples[key].append(ms_per_call(fn, calls))
     return {key: statistics.median(values) for key, values in samples.items()}
 
 

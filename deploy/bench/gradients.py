@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import make_algorithm
 from softflow.algorithms.sacflow import SACFlowConfig
+from softflow.deploy.bench.timing import Stopwatch
 from softflow.deploy.config import ConfigError
 from softflow.learner.learner import Learner
 
@@ -104,11 +104,10 @@ def bench_gradients(env_id: str = "HalfCheetah-v5", env_steps: int = 5000, learn
         for velocity in velocities:
             config = SACFlowConfig(flow={"velocity": velocity, "steps": k, "hidden": [hidden]},
                                    batch_size=batch_size)
-            start = time.perf_counter()
-            norms, returns = train_and_record(env_id, config, env_steps, learning_starts, seed)
+            with Stopwatch() as watch:
+                norms, returns = train_and_record(env_id, config, env_steps, learning_starts, seed)
             runs.append({"steps": k, "velocity": velocity, **summarise(norms, window),
-                         "last_episode_return": returns[-1] if returns else None,
-                         "seconds": time.perf_counter() - start})
+                         "last_episode_return": returns[-1] if returns else None, "seconds": watch.seconds})
             print(f"softflow bench gradients: K = {k}, {velocity}: median norm {runs[-1]['median']:.3g}, "
                   f"{runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     if plot:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import functools
 import statistics
-import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -37,6 +36,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from softflow.algorithms import ALGORITHMS, make_algorithm
+from softflow.deploy.bench.timing import ms_per_call
 from softflow.deploy.config import ConfigError
 from softflow.learner.learner import learner_device
 
@@ -148,14 +148,7 @@ def median_ms(fn: Callable[[], object], repeats: int, calls: int, device: torch.
     for _ in range(warmup):
         fn()
     sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
+    return statistics.median(ms_per_call(fn, calls, sync) for _ in range(repeats))
 
 
 def replay_batch(batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:

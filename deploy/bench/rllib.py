@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from softflow.deploy.bench.timing import Stopwatch
 from softflow.deploy.config import ConfigError, parse_experiment
 
 LOG_EVERY = 200
@@ -48,18 +48,17 @@ def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step:
     scratch = Path(tempfile.mkdtemp(prefix="softflow-bench-"))
     try:
         runtime = Runtime(config, scratch)
-        start = time.perf_counter()
 
         def stop_when_time_is_up(env_steps: int, metrics: dict[str, float]) -> None:
-            if time.perf_counter() - start >= seconds:
+            if watch.seconds >= seconds:
                 raise _TimeUp
 
-        try:
-            runtime.run(stop_when_time_is_up)
-        except _TimeUp:
-            pass
-        return measured(runtime.counters.env_steps, runtime.counters.updates, time.perf_counter() - start,
-                        learning_starts)
+        with Stopwatch() as watch:
+            try:
+                runtime.run(stop_when_time_is_up)
+            except _TimeUp:
+                pass
+        return measured(runtime.counters.env_steps, runtime.counters.updates, watch.seconds, learning_starts)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -83,17 +82,17 @@ def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: fl
               .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=0))
     algo = config.build_algo()
     env_steps = updates = 0
-    start = time.perf_counter()
     try:
-        while time.perf_counter() - start < seconds:
-            result = algo.train()
-            env_steps = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
-            trained = result.get("learners", {}).get("__all_modules__", {}).get("num_env_steps_trained_lifetime", 0)
-            updates = int(trained) // batch_size
+        with Stopwatch() as watch:
+            while watch.seconds < seconds:
+                result = algo.train()
+                env_steps = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
+                trained = result.get("learners", {}).get("__all_modules__", {}).get(
+                    "num_env_steps_trained_lifetime", 0)
+                updates = int(trained) // batch_size
     finally:
-        elapsed = time.perf_counter() - start
         algo.stop()
-    return measured(env_steps, updates, elapsed, learning_starts)
+    return measured(env_steps, updates, watch.seconds, learning_starts)
 
 
 def measured(env_steps: int, updates: int, seconds: float, learning_starts: int) -> dict[str, float]:

@@ -23,8 +23,6 @@ import logging
 import math
 import pickle
 import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import ray
@@ -36,6 +34,7 @@ from softflow.actors.remote import ReplayActor, RolloutActor
 from softflow.actors.replay import ReplayBuffer
 from softflow.actors.rollout import RolloutWorker
 from softflow.algorithms import make_algorithm
+from softflow.deploy.bench.timing import Stopwatch, rate
 from softflow.deploy.config import ConfigError, ExperimentConfig, checkpoint_meta
 from softflow.learner.learner import Learner, learner_device
 from softflow.learner.remote import LearnerActor, RemoteReplay
@@ -43,15 +42,6 @@ from softflow.learner.remote import LearnerActor, RemoteReplay
 PREFILL = 10_000
 PUBLISH_REPEATS = 20
 OPEN_LIMITER = 1e12  # a tolerance that never holds anyone back: the bench times the data path, not the ratio
-
-
-def rate(fn: Callable[[], int], seconds: float) -> float:
-    """Calls ``fn`` (which returns how many units it did) for about ``seconds`` after one warm-up call; units/s."""
-    fn()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        done += fn()
-    return done / (time.perf_counter() - start)
 
 
 def random_fragment(n: int, obs_dim: int, low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> Fragment:
@@ -162,10 +152,10 @@ def _publish_latency(learner_actor, actor) -> dict:
     """Milliseconds from the learner's ``publish`` to ``actor`` having loaded the weights, and their size."""
     latencies = []
     for _ in range(PUBLISH_REPEATS):
-        start = time.perf_counter()
-        ref = ray.get(learner_actor.publish.remote()).reference
-        ray.get(actor.set_weights.remote(ref))
-        latencies.append((time.perf_counter() - start) * 1e3)
+        with Stopwatch() as watch:
+            ref = ray.get(learner_actor.publish.remote()).reference
+            ray.get(actor.set_weights.remote(ref))
+        latencies.append(watch.seconds * 1e3)
     return {"publish_to_pickup_ms_median": statistics.median(latencies), "publish_to_pickup_ms_max": max(latencies),
             "bytes": len(pickle.dumps(ray.get(ref)[1])), "reference": ref}
 
@@ -194,15 +184,15 @@ def _actor_steps_inside(actor, replay, fragment_length: int, seconds: float) -> 
 
     ray.get(submit()[1])
     runs = [submit(), submit()]
-    adds, steps, start = [], 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fragment_ref, summary_ref = runs.pop(0)
-        steps += ray.get(summary_ref).transitions
-        adds.append(replay.add.remote(fragment_ref))
-        runs.append(submit())
-    elapsed = time.perf_counter() - start
+    adds, steps = [], 0
+    with Stopwatch() as watch:
+        while watch.seconds < seconds:
+            fragment_ref, summary_ref = runs.pop(0)
+            steps += ray.get(summary_ref).transitions
+            adds.append(replay.add.remote(fragment_ref))
+            runs.append(submit())
     ray.get(adds + [r for pair in runs for r in pair])
-    return steps / elapsed
+    return steps / watch.seconds
 
 
 

@@ -33,12 +33,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from softflow.deploy.bench.timing import Stopwatch
 from softflow.deploy.config import ConfigError, load_experiment
 from softflow.deploy.policies import checkpoint_path
 from softflow.deploy.serve.proto import (
@@ -300,8 +300,7 @@ def run_fuzz(server: ServerProcess, requests: int, seed: int = 0) -> dict:
             statuses[code] = statuses.get(code, 0) + 1
         in_flight.release()
 
-    start = time.perf_counter()
-    with grpc.insecure_channel(server.address) as channel:
+    with Stopwatch() as watch, grpc.insecure_channel(server.address) as channel:
         act = channel.unary_unary(ACT_METHOD)
         for i in range(requests):
             raw = fuzz_request(rng, obs_dim, server.info.max_message_bytes)
@@ -311,7 +310,6 @@ def run_fuzz(server: ServerProcess, requests: int, seed: int = 0) -> dict:
                 rss.append(server.rss_mb())
         for _ in range(FUZZ_IN_FLIGHT):  # the last calls have finished
             in_flight.acquire()
-    elapsed = time.perf_counter() - start
     alive = server.process.poll() is None
     answer = None
     if alive:
@@ -319,7 +317,7 @@ def run_fuzz(server: ServerProcess, requests: int, seed: int = 0) -> dict:
             request = ActRequest(observations=to_tensor(np.zeros((3, obs_dim), np.float32)))
             answer = PolicyServiceStub(channel).Act(request, timeout=30)
     valid_after = answer is not None and list(answer.actions.shape) == [3, server.info.action_space.shape[0]]
-    return {"requests": requests, "seconds": elapsed, "statuses": dict(sorted(statuses.items())),
+    return {"requests": requests, "seconds": watch.seconds, "statuses": dict(sorted(statuses.items())),
             "unexpected_statuses": {k: v for k, v in statuses.items()
                                     if k not in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")},
             "server_alive": alive, "valid_request_answered_after": valid_after,
