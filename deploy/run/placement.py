@@ -54,26 +54,38 @@ def total_resources(bundles: list[dict[str, float]]) -> dict[str, float]:
     return total
 
 
+def shortfall(bundles: list[dict[str, float]]) -> tuple[str, float, float] | None:
+    """The first resource (CPU, GPU, then custom ones by name) of which ``bundles`` need more in total than the Ray
+    cluster has, as (name, needed, available); None when all fit. The one comparison of a run's (or a sweep
+    trial's) needs with the cluster."""
+    have = ray.cluster_resources()
+    need = total_resources(bundles)
+    for key in sorted(need, key=lambda key: (key not in ("CPU", "GPU"), key)):
+        if need[key] > have.get(key, 0.0) + _EPS:
+            return key, need[key], float(have.get(key, 0.0))
+    return None
+
+
 def check_resources(config: ExperimentConfig, gpus: float) -> None:
     """Fails fast, with the numbers, when the cluster's totals cannot hold the run (per resource, custom ones
     included); what fits in total but not node by node is caught by the placement group's timeout."""
-    have = ray.cluster_resources()
-    need = total_resources(topology_bundles(config, gpus))
+    missing = shortfall(topology_bundles(config, gpus))
+    if missing is None:
+        return
+    key, need, have = missing
     c = config
-    if need.get("CPU", 0) > have.get("CPU", 0) + _EPS:
+    if key == "CPU":
         raise ConfigError(
             f"actors.count={c.actors.count} x actors.num_cpus={c.actors.num_cpus:g} + "
-            f"learner.num_cpus={c.learner.num_cpus:g} needs {need['CPU']:g} CPUs but the Ray cluster has "
-            f"{have.get('CPU', 0):g}; lower actors.num_cpus (fractions share a core) or actors.count, or add nodes")
-    if need.get("GPU", 0) > have.get("GPU", 0) + _EPS:
-        raise ConfigError(f"learner.num_gpus={gpus:g} but the Ray cluster has {have.get('GPU', 0):g} GPUs; "
+            f"learner.num_cpus={c.learner.num_cpus:g} needs {need:g} CPUs but the Ray cluster has "
+            f"{have:g}; lower actors.num_cpus (fractions share a core) or actors.count, or add nodes")
+    if key == "GPU":
+        raise ConfigError(f"learner.num_gpus={gpus:g} but the Ray cluster has {have:g} GPUs; "
                           f"use learner.num_gpus=0 or 'auto', or add a GPU node")
-    for key, value in sorted(need.items()):
-        if key not in ("CPU", "GPU") and value > have.get(key, 0) + _EPS:
-            raise ConfigError(
-                f"the run needs {value:g} of the custom resource '{key}' (actors.resources / learner.resources) but "
-                f"the Ray cluster has {have.get(key, 0):g}; start nodes with ray start --resources "
-                f"'{{\"{key}\": N}}' or remove it from the experiment")
+    raise ConfigError(
+        f"the run needs {need:g} of the custom resource '{key}' (actors.resources / learner.resources) but "
+        f"the Ray cluster has {have:g}; start nodes with ray start --resources "
+        f"'{{\"{key}\": N}}' or remove it from the experiment")
 
 
 class Topology:

@@ -258,21 +258,18 @@ def trial_bundles(experiment: ExperimentConfig) -> list[dict[str, float]]:
 def check_resources(experiments: list[ExperimentConfig], values: list[dict[str, Any]]) -> None:
     """Each trial's bundles, summed per resource, must fit the Ray cluster's totals (a trial that never fits
     would wait forever); names the first swept values that do not fit."""
-    import ray
+    from softflow.deploy.run.placement import shortfall
 
-    from softflow.deploy.run.placement import total_resources
-
-    have = ray.cluster_resources()
     for experiment, where in zip(experiments, values):
-        need = total_resources(trial_bundles(experiment))
-        for key, amount in sorted(need.items()):
-            if amount > have.get(key, 0.0) + 1e-9:
-                parts = (f" (its driver, the learner and {experiment.actors.count} x actors.num_cpus="
-                         f"{experiment.actors.num_cpus:g})" if key == "CPU" else "")
-                raise ConfigError(
-                    f"a trial with {_describe(where)} needs {amount:g} {key}{parts} but the Ray cluster has "
-                    f"{have.get(key, 0.0):g}; sweep fewer actors (e.g. 'space.actors.count={{grid: [1, 2]}}'), "
-                    f"lower what the experiment asks for (actors.num_cpus, learner.num_gpus, ...), or add nodes")
+        missing = shortfall(trial_bundles(experiment))
+        if missing is not None:
+            key, amount, have = missing
+            parts = (f" (its driver, the learner and {experiment.actors.count} x actors.num_cpus="
+                     f"{experiment.actors.num_cpus:g})" if key == "CPU" else "")
+            raise ConfigError(
+                f"a trial with {_describe(where)} needs {amount:g} {key}{parts} but the Ray cluster has "
+                f"{have:g}; sweep fewer actors (e.g. 'space.actors.count={{grid: [1, 2]}}'), "
+                f"lower what the experiment asks for (actors.num_cpus, learner.num_gpus, ...), or add nodes")
 
 
 def trial_name(index: int, values: dict[str, Any]) -> str:
