@@ -12,17 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import write_set
 
 from softflow import checkpoints
-
-
-def write_set(root: Path, env_steps: int, keep: int = 2, payload: bytes = b"x" * 1000) -> Path:
-    staging = checkpoints.staging_path(root, env_steps)
-    staging.mkdir(parents=True)
-    torch.save({"updates": env_steps // 2, "w": torch.arange(4.0)}, staging / checkpoints.LEARNER_FILE)
-    (staging / "replay.npz").write_bytes(payload)
-    return checkpoints.commit_set(staging, env_steps, env_steps // 2, keep)
 
 
 def test_a_committed_set_has_a_manifest_that_checks_out(tmp_path):
@@ -73,7 +65,7 @@ def test_a_full_disk_while_writing_leaves_the_earlier_set_whole(tmp_path):
     script = (f"import resource, signal, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
               f"resource.setrlimit(resource.RLIMIT_FSIZE, (65536, {resource.RLIM_INFINITY}))\n"
-              "from test_checkpoints import write_set\nfrom pathlib import Path\n"
+              "from helpers import write_set\nfrom pathlib import Path\n"
               f"try:\n    write_set(Path({str(tmp_path)!r}), 200, payload=b'z' * 2**20)\n"
               "except OSError as exc:\n    print('OSError', exc.errno)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

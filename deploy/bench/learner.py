@@ -152,7 +152,7 @@ def median_ms(fn: Callable[[], object], repeats: int, calls: int, device: torch.
 
 
 def replay_batch(batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """A random batch in the replay buffer's format (tests/algorithms ``fixed_batch``)."""
+    """A random batch in the replay buffer's format (as the tests' ``replay_batch`` fixture)."""
     g = torch.Generator().manual_seed(0)
     batch = {"obs": torch.randn(batch_size, OBS_DIM, generator=g),
              "actions": torch.rand(batch_size, ACT_DIM, generator=g) * 2 - 1,

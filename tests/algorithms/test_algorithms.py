@@ -29,17 +29,10 @@ def make(name, seed, config=None, low=-1.0, high=1.0, obs_dim=OBS, act_dim=ACT):
     return make_algorithm(config or SMALL[name], obs_dim, np.full(act_dim, low), np.full(act_dim, high))
 
 
-def fixed_batch(seed=0, n=32):
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": torch.randn(n, OBS, generator=g), "actions": torch.rand(n, ACT, generator=g) * 2 - 1,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, OBS, generator=g),
-            "terminated": (torch.rand(n, generator=g) < 0.1).float()}
-
-
 @pytest.mark.parametrize("name", ["sac", "isfm", "fmer"])
-def test_state_dict_round_trip_gives_the_identical_next_update(name):
+def test_state_dict_round_trip_gives_the_identical_next_update(name, replay_batch):
     original = make(name, 0)
-    batch = fixed_batch()
+    batch = replay_batch(obs_dim=OBS, act_dim=ACT)
     for _ in range(3):
         original.update(batch)
     restored = make(name, 99)
@@ -55,9 +48,9 @@ def test_state_dict_round_trip_gives_the_identical_next_update(name):
 
 
 @pytest.mark.parametrize("name", ["sac", "isfm", "fmer"])
-def test_updates_reduce_the_critic_loss_on_a_fixed_batch(name):
+def test_updates_reduce_the_critic_loss_on_a_fixed_batch(name, replay_batch):
     algorithm = make(name, 1)
-    batch = fixed_batch(1)
+    batch = replay_batch(obs_dim=OBS, act_dim=ACT, seed=1)
     losses = [float(algorithm.update(batch)["losses/q_loss"]) for _ in range(250)]
     assert sum(losses[-10:]) < 0.3 * sum(losses[:10])  # the TD target draws a new a' every update: average
 
@@ -94,12 +87,12 @@ def test_policy_converges_to_the_boltzmann_policy_of_a_fixed_quadratic_q(name):
 
 
 @pytest.mark.parametrize("schedule, steps_per_turn", [("burst", 3), ("delayed", 1)])
-def test_policy_schedule_takes_the_stated_number_of_actor_steps(schedule, steps_per_turn):
+def test_policy_schedule_takes_the_stated_number_of_actor_steps(schedule, steps_per_turn, replay_batch):
     """Every policy_frequency = 3 updates: a burst of 3 actor steps, or exactly one with the delayed schedule."""
     config = SMALL["sac"].model_copy(update={"policy_frequency": 3, "policy_schedule": schedule})
     algorithm = make("sac", 2, config)
     steps = []
     algorithm.policy_optimizer.register_step_post_hook(lambda *_: steps.append(algorithm.num_updates))
     for _ in range(9):
-        algorithm.update(fixed_batch())
+        algorithm.update(replay_batch(obs_dim=OBS, act_dim=ACT))
     assert steps == [u for u in (0, 3, 6) for _ in range(steps_per_turn)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_fixed_energy import ALPHA, WEIGHTS, FixedEnergy, exact_samples, mmd2, mode_weights
+from energies import ALPHA, WEIGHTS, FixedEnergy, exact_samples, mmd2, mode_weights
 from torch import nn
 from torch.func import jvp
 
@@ -196,22 +196,15 @@ def test_one_jvp_with_the_weighted_velocity_has_the_gradient_of_the_k_jvp_loss()
     assert max(float(g.abs().max()) for g in grads_1) > 1e-3
 
 
-def fixed_batch(n=32, obs_dim=3, act_dim=2):
-    g = torch.Generator().manual_seed(0)
-    return {"obs": torch.randn(n, obs_dim, generator=g), "actions": torch.rand(n, act_dim, generator=g) * 2 - 1,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, obs_dim, generator=g),
-            "terminated": (torch.rand(n, generator=g) < 0.1).float()}
-
-
 SMALL = FLAMEConfig(hidden=[32, 32], critic={"hidden": [32, 32]}, batch_size=32, num_candidates=8, entropy_steps=4,
                     policy_frequency=1)
 
 
-def test_state_dict_round_trip_gives_the_identical_next_update_and_actors_act_in_the_box():
+def test_state_dict_round_trip_gives_the_identical_next_update_and_actors_act_in_the_box(replay_batch):
     torch.manual_seed(0)
     original = make_algorithm(SMALL, 3, -np.ones(2), np.ones(2))
     assert original.config.target_entropy == -6.0  # -3 |A|
-    batch = fixed_batch()
+    batch = replay_batch()
     for _ in range(3):
         original.update(batch)
     restored = make_algorithm(SMALL, 3, -np.ones(2), np.ones(2))
@@ -405,7 +398,7 @@ def test_decoupled_entropy_matches_the_gaussian_entropy_of_a_correlated_3d_polic
     assert abs(float(-sample.log_prob.mean()) - entropy) < tolerance, (float(-sample.log_prob.mean()), entropy)
 
 
-def test_defaults_take_one_actor_step_every_two_updates_as_the_code():
+def test_defaults_take_one_actor_step_every_two_updates_as_the_code(replay_batch):
     config = SMALL.model_copy(update={"policy_frequency": FLAMEConfig().policy_frequency})
     assert (FLAMEConfig().policy_schedule, FLAMEConfig().policy_frequency) == ("delayed", 2)
     torch.manual_seed(0)
@@ -413,28 +406,28 @@ def test_defaults_take_one_actor_step_every_two_updates_as_the_code():
     steps = []
     algorithm.policy_optimizer.register_step_post_hook(lambda *_: steps.append(algorithm.num_updates))
     for _ in range(6):
-        algorithm.update(fixed_batch())
+        algorithm.update(replay_batch())
     assert steps == [0, 2, 4]
 
 
-def test_reward_scale_multiplies_the_rewards_inside_the_update():
-    batch = fixed_batch()
+def test_reward_scale_multiplies_the_rewards_inside_the_update(replay_batch):
+    batch = replay_batch()
     metrics = []
     for scale, rewards in ((0.2, batch["rewards"]), (1.0, 0.2 * batch["rewards"])):
         torch.manual_seed(0)
         algorithm = make_algorithm(SMALL.model_copy(update={"reward_scale": scale}), 3, -np.ones(2), np.ones(2))
         metrics.append([algorithm.update({**batch, "rewards": rewards}) for _ in range(3)])
     assert metrics[0] == metrics[1]
-    assert torch.equal(batch["rewards"], fixed_batch()["rewards"])  # the caller's batch is left alone
+    assert torch.equal(batch["rewards"], replay_batch()["rewards"])  # the caller's batch is left alone
 
 
-def test_q_loss_weight_adds_the_codes_minus_q_of_a_one_step_action():
+def test_q_loss_weight_adds_the_codes_minus_q_of_a_one_step_action(replay_batch):
     """The actor loss with q_loss_weight w is (5) - w min Q_target(s, a_theta), a_theta the one-step action of the
     noise drawn after (5)'s, and its gradient reaches the policy through a_theta."""
     torch.manual_seed(0)
     algorithm = make_algorithm(SMALL.model_copy(update={"q_loss_weight": 0.5}), 3, -np.ones(2), np.ones(2))
     nn.init.normal_(algorithm.policy.network.field.net[-1].weight, std=0.3)
-    batch, sample = fixed_batch(), algorithm.policy.sample(fixed_batch()["next_obs"], 1, with_log_prob=True)
+    batch, sample = replay_batch(), algorithm.policy.sample(replay_batch()["next_obs"], 1, with_log_prob=True)
     torch.manual_seed(1)
     with_q, _, _ = algorithm.policy_loss(batch, sample)
     torch.manual_seed(1)
@@ -447,7 +440,7 @@ def test_q_loss_weight_adds_the_codes_minus_q_of_a_one_step_action():
     assert grads[0].abs().max() > 0
 
 
-def test_code_lr_schedule_decays_the_policy_rate_by_update_count_and_keeps_the_critics():
+def test_code_lr_schedule_decays_the_policy_rate_by_update_count_and_keeps_the_critics(replay_batch):
     config = SMALL.model_copy(update={"lr_schedule": "code", "lr_decay_begin": 2, "lr_decay_updates": 4,
                                       "lr_final_fraction": 0.1, "policy_lr": 1e-3, "q_lr": 2e-3})
     torch.manual_seed(0)
@@ -455,19 +448,19 @@ def test_code_lr_schedule_decays_the_policy_rate_by_update_count_and_keeps_the_c
     rates = []
     for _ in range(8):
         algorithm.set_progress(0.9)  # the run's progress does not move the code's schedule
-        algorithm.update(fixed_batch())
+        algorithm.update(replay_batch())
         rates.append((algorithm.policy_optimizer.param_groups[0]["lr"], algorithm.q_optimizer.param_groups[0]["lr"]))
     np.testing.assert_allclose([p for p, _ in rates], [1e-3, 1e-3, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4, 1e-4, 1e-4])
     assert {q for _, q in rates} == {2e-3}
 
 
-def test_alpha_steps_only_every_alpha_update_every_updates():
+def test_alpha_steps_only_every_alpha_update_every_updates(replay_batch):
     config = SMALL.model_copy(update={"autotune_alpha": True, "alpha_update_every": 3})
     torch.manual_seed(0)
     algorithm = make_algorithm(config, 3, -np.ones(2), np.ones(2))
     alphas = [algorithm.alpha]
     for _ in range(7):
-        algorithm.update(fixed_batch())
+        algorithm.update(replay_batch())
         alphas.append(algorithm.alpha)
     moved = [i for i in range(7) if alphas[i + 1] != alphas[i]]
     assert moved == [0, 3, 6]

@@ -78,24 +78,17 @@ def small(**overrides):
     return FMERConfig(**config | overrides)
 
 
-def batch(n=16, obs=3, act=2):
-    g = torch.Generator().manual_seed(0)
-    return {"obs": torch.randn(n, obs, generator=g), "actions": torch.rand(n, act, generator=g) * 2 - 1,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, obs, generator=g),
-            "terminated": torch.zeros(n)}
-
-
-def test_without_the_entropy_term_alpha_is_zero_and_no_entropy_is_estimated():
+def test_without_the_entropy_term_alpha_is_zero_and_no_entropy_is_estimated(replay_batch):
     algorithm = make_algorithm(small(entropy_term=False), 3, -np.ones(2), np.ones(2))
-    metrics = algorithm.update(batch())
+    metrics = algorithm.update(replay_batch(16, done=0))
     assert algorithm.alpha == 0.0 and metrics["learner/alpha"] == 0.0
     assert "learner/entropy" not in metrics and math.isfinite(metrics["losses/policy_loss"])
 
 
 @pytest.mark.parametrize("weighting", ["soft", "top1", "unnormalised"])
-def test_each_weighting_updates_and_reports_its_trust_region(weighting):
+def test_each_weighting_updates_and_reports_its_trust_region(weighting, replay_batch):
     algorithm = make_algorithm(small(weighting=weighting, target_ess=0.9), 3, -np.ones(2), np.ones(2))
-    metrics = algorithm.update(batch())
+    metrics = algorithm.update(replay_batch(16, done=0))
     assert metrics["learner/mirror_temperature"] >= 0 and 0 < metrics["learner/weight_ess"] <= 1
     if weighting == "top1":
         assert metrics["learner/weight_ess"] == pytest.approx(0.25)
@@ -108,14 +101,14 @@ def test_an_untuned_zero_temperature_without_entropy_is_rejected():
 
 @pytest.mark.parametrize("improve_at", ["next_obs", "obs"])
 @pytest.mark.parametrize("name", ["fmer", "isfm"])
-def test_the_policy_step_is_taken_at_the_configured_states_only(name, improve_at):
+def test_the_policy_step_is_taken_at_the_configured_states_only(name, improve_at, replay_batch):
     config = small(improve_at=improve_at)
     if name == "isfm":
         config = ISFMConfig(**config.model_dump(include={"flow", "critic", "batch_size", "num_candidates",
                                                          "improve_at"}))
     algorithm = make_algorithm(config, 3, -np.ones(2), np.ones(2))
     unused = "obs" if improve_at == "next_obs" else "next_obs"
-    base = batch()
+    base = replay_batch(16, done=0)
     next_sample = algorithm.policy.sample(base["next_obs"], 4, with_log_prob=True)
 
     def loss(shifted: str | None) -> float:
@@ -143,10 +136,10 @@ def test_advantage_weights_are_the_v1_formula():
     assert torch.allclose(got, expected, rtol=1e-6)
 
 
-def test_the_policy_step_uses_the_v1_weights_of_the_candidates_q():
+def test_the_policy_step_uses_the_v1_weights_of_the_candidates_q(replay_batch):
     algorithm = make_algorithm(small(weighting="advantage", tune_mirror_temperature=False, mirror_temperature=0.7),
                                3, -np.ones(2), np.ones(2))
-    base = batch()
+    base = replay_batch(16, done=0)
     candidates = algorithm.policy.sample(base["next_obs"], 4, with_log_prob=True)
     seen = {}
     fm_loss = algorithm.policy.flow_matching_loss
@@ -204,10 +197,11 @@ def test_the_entropy_loss_gradient_is_the_closed_form(method):
     assert velocity.c.grad is None or torch.all(velocity.c.grad == 0)
 
 
-def test_the_entropy_loss_turns_off_exactly_at_update_n():
+def test_the_entropy_loss_turns_off_exactly_at_update_n(replay_batch):
     algorithm = make_algorithm(small(weighting="advantage", entropy_loss_weight=0.2, entropy_loss_until=3),
                                3, -np.ones(2), np.ones(2))
-    losses = [float(algorithm.update(batch())["losses/entropy_loss"]) for _ in range(5)]
+    losses = [float(algorithm.update(replay_batch(16, done=0))["losses/entropy_loss"]) for _ in range(5)]
     assert all(v != 0 for v in losses[:3]) and losses[3:] == [0.0, 0.0]
-    assert "losses/entropy_loss" not in make_algorithm(small(), 3, -np.ones(2), np.ones(2)).update(batch())
+    fresh = make_algorithm(small(), 3, -np.ones(2), np.ones(2))
+    assert "losses/entropy_loss" not in fresh.update(replay_batch(16, done=0))
 

@@ -305,13 +305,10 @@ def test_defaults_are_the_codes_learned_noise_entropy_target_0_and_one_policy_st
     assert (config.policy_schedule, config.policy_frequency, config.batch_size) == ("delayed", 3, 512)
 
 
-def test_state_dict_round_trip_gives_the_identical_next_update_and_reports_the_actor_gradient_norm():
+def test_state_dict_round_trip_gives_the_identical_next_update_and_reports_the_actor_gradient_norm(replay_batch):
     config = SACFlowConfig(flow={"velocity": "gated", "hidden": [16], "steps": 3}, critic={"hidden": [16]},
                            noise_hidden=[16], batch_size=16, policy_frequency=2)
-    g = torch.Generator().manual_seed(0)
-    batch = {"obs": torch.randn(16, 3, generator=g), "actions": torch.rand(16, 2, generator=g) * 2 - 1,
-             "rewards": torch.randn(16, generator=g), "next_obs": torch.randn(16, 3, generator=g),
-             "terminated": torch.zeros(16)}
+    batch = replay_batch(16, done=0)
     torch.manual_seed(0)
     original = make_algorithm(config, 3, -np.ones(2), np.ones(2))
     first = original.update(batch)

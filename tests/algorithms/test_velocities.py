@@ -104,16 +104,13 @@ def test_decoded_velocity_starts_at_zero_so_the_initial_policy_is_the_base_distr
 
 
 @pytest.mark.parametrize("kind", ["gated", "decoded"])
-def test_isfm_trains_with_either_velocity_and_round_trips_its_state(kind):
+def test_isfm_trains_with_either_velocity_and_round_trips_its_state(kind, replay_batch):
     config = ISFMConfig(flow={"velocity": kind, "hidden": [16], "d_model": 16, "heads": 2, "layers": 1, "steps": 3},
                         critic={"hidden": [16]}, batch_size=16, num_candidates=4)
     torch.manual_seed(4)
     algorithm = make_algorithm(config, OBS, -np.ones(D), np.ones(D))
     assert isinstance(algorithm.policy.velocity, GatedVelocity if kind == "gated" else DecodedVelocity)
-    g = torch.Generator().manual_seed(0)
-    batch = {"obs": torch.randn(16, OBS, generator=g), "actions": torch.rand(16, D, generator=g) * 2 - 1,
-             "rewards": torch.randn(16, generator=g), "next_obs": torch.randn(16, OBS, generator=g),
-             "terminated": torch.zeros(16)}
+    batch = replay_batch(16, OBS, D, done=0)
     before = copy.deepcopy(algorithm.policy.state_dict())
     for _ in range(3):
         metrics = algorithm.update(batch)

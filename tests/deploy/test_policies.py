@@ -13,21 +13,16 @@ import torch
 
 import softflow
 from softflow import checkpoints
-from softflow.deploy.config import ConfigError, parse_experiment
+from softflow.deploy.config import ConfigError
 from softflow.deploy.run.driver import train
 
 SCRIPT = Path(sys.executable).with_name("softflow")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, tiny_experiment) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
-    config = parse_experiment({
-        "name": "policy-io", "total_env_steps": 300, "log_every_steps": 100, "env": {"id": "InvertedPendulum-v5"},
-        "algorithm": {"name": "sac", "batch_size": 32, "hidden": [16, 16], "critic": {"hidden": [16, 16]}},
-        "actors": {"count": 0, "candidates": 4}, "learner": {"learning_starts": 100, "num_gpus": 0},
-        "eval": {"episodes": 0}, "wandb": {"mode": "disabled"}})
-    train(config, run_dir, progress=False)
+    train(tiny_experiment(name="policy-io"), run_dir, progress=False)
     return run_dir
 
 

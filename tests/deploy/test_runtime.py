@@ -19,14 +19,8 @@ from softflow.deploy.config import load_experiment, parse_experiment
 from softflow.deploy.run.driver import train
 from softflow.deploy.run.runtime import Runtime
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_runtime():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.timeout(300), pytest.mark.ray, pytest.mark.usefixtures("ray_runtime")]
+RAY_NUM_CPUS = 4  # the embedded Ray of the ray_runtime fixture
 
 
 def experiment(**sections) -> dict:

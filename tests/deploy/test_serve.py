@@ -22,45 +22,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CANDIDATES, OBS_DIM, train_tiny_run
 
 import softflow
 from softflow import checkpoints
 from softflow.deploy import PolicyClient
 from softflow.deploy.cli import main
-from softflow.deploy.config import parse_experiment
-from softflow.deploy.run.driver import train
 from softflow.deploy.serve.server import GC_YOUNG_THRESHOLD, PolicyServer, ServeOptions, settle_garbage_collector
 
-pytestmark = pytest.mark.grpc
-
-OBS_DIM = 4  # InvertedPendulum-v5
-CANDIDATES = 4
-
-
-def train_tiny_run(run_dir: Path) -> Path:
-    """A few seconds of serial ISFM on InvertedPendulum-v5 with tiny networks; the run directory."""
-    config = parse_experiment({
-        "name": "serve", "total_env_steps": 300, "log_every_steps": 100, "env": {"id": "InvertedPendulum-v5"},
-        "algorithm": {"name": "isfm", "batch_size": 32, "num_candidates": 4, "critic": {"hidden": [16, 16]},
-                      "flow": {"hidden": [16, 16], "steps": 2}},
-        "actors": {"count": 0, "candidates": CANDIDATES}, "learner": {"learning_starts": 100, "num_gpus": 0},
-        "eval": {"episodes": 0}, "wandb": {"mode": "disabled"}})
-    train(config, run_dir, progress=False)
-    return run_dir
+pytestmark = [pytest.mark.grpc, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def observations(rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 0.1, (rows, OBS_DIM)).astype(np.float32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny networks gain nothing from intra-op threads, and on a busy 2-core machine threads that wait for each
-    other make training and inference several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

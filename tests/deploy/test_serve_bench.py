@@ -8,12 +8,12 @@ import math
 import shutil
 
 import pytest
-from test_serve import one_torch_thread, train_tiny_run  # noqa: F401 (an autouse fixture)
+from helpers import train_tiny_run
 
 from softflow.deploy.bench.serve import bench_serve
 from softflow.deploy.config import ConfigError
 
-pytestmark = pytest.mark.grpc
+pytestmark = [pytest.mark.grpc, pytest.mark.usefixtures("one_torch_thread")]
 
 needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None,
                                   reason="h2load not installed (apt-get install nghttp2-client; .ci/run installs it)")

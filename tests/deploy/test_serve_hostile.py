@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_serve import OBS_DIM, one_torch_thread, train_tiny_run  # noqa: F401 (an autouse fixture)
+from helpers import OBS_DIM, train_tiny_run
 
 import softflow
 from softflow.deploy import PolicyClient
@@ -29,7 +29,7 @@ from softflow.deploy.bench.serve import fuzz_request
 from softflow.deploy.serve.proto import ACT_METHOD, ActRequest, Tensor, bearer, to_tensor
 from softflow.deploy.serve.server import PolicyServer, ServeOptions
 
-pytestmark = pytest.mark.grpc
+pytestmark = [pytest.mark.grpc, pytest.mark.usefixtures("one_torch_thread")]
 
 TOKEN = os.urandom(16).hex()
 LIMITS = dict(max_request_rows=16, max_candidates=8, max_message_bytes=64 * 1024)

@@ -29,19 +29,15 @@ CONFIGS = {
 }
 
 
-def batch(n: int = 16) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"obs": torch.randn(n, OBS, generator=g), "actions": torch.rand(n, ACT, generator=g) * 2 - 1,
-            "rewards": torch.randn(n, generator=g), "next_obs": torch.randn(n, OBS, generator=g),
-            "terminated": torch.zeros(n)}
-
-
-def updates(name: str, mode: str, count: int = 3) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+def updates(name: str, mode: str, replay_batch, count: int = 3
+            ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """``count`` updates, each on a fresh copy of one fixed batch; their metrics and the policy's state."""
     torch.manual_seed(0)
     algorithm = make_algorithm(CONFIGS[name], OBS, -np.ones(ACT, np.float32), np.ones(ACT, np.float32))
     assert compile_algorithm(algorithm, mode) is None
     torch.manual_seed(1)
-    metrics = [{k: float(v) for k, v in algorithm.update(batch()).items()} for _ in range(count)]
+    metrics = [{k: float(v) for k, v in algorithm.update(replay_batch(16, OBS, ACT, done=0)).items()}
+               for _ in range(count)]
     return metrics, algorithm.state_dict()["policy"]
 
 
@@ -49,10 +45,10 @@ def updates(name: str, mode: str, count: int = 3) -> tuple[list[dict[str, float]
                                   pytest.param("fmer", marks=pytest.mark.slow),
                                   pytest.param("flame", marks=pytest.mark.slow),
                                   pytest.param("sacflow", marks=pytest.mark.slow)])
-def test_compiled_update_equals_the_eager_one(name):
-    eager, eager_policy = updates(name, "none")
+def test_compiled_update_equals_the_eager_one(name, replay_batch):
+    eager, eager_policy = updates(name, "none", replay_batch)
     with inductor_config.patch(fallback_random=True):  # Inductor's own random numbers would differ from eager's
-        compiled, compiled_policy = updates(name, "default")
+        compiled, compiled_policy = updates(name, "default", replay_batch)
     for want, got in zip(eager, compiled, strict=True):
         assert want.keys() == got.keys()
         for key in want:
