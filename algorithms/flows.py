@@ -24,8 +24,8 @@ off by -dt^2 tr(J^2) / 2 per Euler step and by O(dt^3) per midpoint step. The sq
 Base width. A target much narrower than the noise (four lobes of std 0.1 in the multi-goal task against N(0, I)) is
 slow to fit by flow matching: the velocity field must contract space tenfold and split it four ways. With
 sigma_0 = 0.5, plain flow matching on exact samples of those lobes reaches 0.81 of samples heading for a goal
-(exact: 0.92) in 400 steps at lr 1e-2, where sigma_0 = 1 is still at 0.49 (docs/results.md, "FMER, the multi-goal
-task").
+(exact: 0.92) in 400 steps at lr 1e-2, where sigma_0 = 1 is still at 0.49 (docs/results/fmer.md, "The
+multi-goal task").
 
 Guard. A learned Euler step can fold space: det(I + dt J) crosses zero, most often at the last step of a narrow
 policy, whose step maps x_t to the predicted endpoint and legitimately contracts almost to a point. At a fold the
