@@ -13,14 +13,14 @@ from collections.abc import Collection, Iterable
 from typing import Annotated, Any, Literal, SupportsFloat
 
 import gymnasium
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, FiniteFloat, Tag
 
 from softflow.actors import multigoal
 from softflow.actors.lqr import LQREnv
 
 multigoal.register()
 
-Matrix = list[list[float]]
+Matrix = list[list[FiniteFloat]]
 
 
 class LQREnvConfig(BaseModel):
@@ -36,7 +36,7 @@ class LQREnvConfig(BaseModel):
     R: Matrix = Field(description="m x m action cost, symmetric positive definite")
     W: Matrix = Field(description="n x n process-noise covariance, symmetric positive semi-definite")
     horizon: int = Field(100, ge=1, description="episode length (a time-limit truncation, not a terminal state)")
-    init_std: float = Field(1.0, gt=0, description="x_0 ~ N(0, init_std^2 I)")
+    init_std: FiniteFloat = Field(1.0, gt=0, description="x_0 ~ N(0, init_std^2 I)")
 
 
 class GymEnvConfig(BaseModel):

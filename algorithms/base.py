@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 from torch import nn
 from torch.profiler import record_function
 
@@ -33,20 +33,20 @@ class AlgorithmConfig(BaseModel):
     """Fields every algorithm shares (CleanRL SAC defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    gamma: float = Field(0.99, gt=0, lt=1, description="discount factor")
-    tau: float = Field(0.005, gt=0, le=1, description="Polyak rate of the target critics")
+    gamma: FiniteFloat = Field(0.99, gt=0, lt=1, description="discount factor")
+    tau: FiniteFloat = Field(0.005, gt=0, le=1, description="Polyak rate of the target critics")
     batch_size: int = Field(256, ge=1, description="transitions per update")
-    q_lr: float = Field(1e-3, gt=0, description="critic learning rate (Adam)")
-    policy_lr: float = Field(3e-4, gt=0, description="policy learning rate (Adam)")
+    q_lr: FiniteFloat = Field(1e-3, gt=0, description="critic learning rate (Adam)")
+    policy_lr: FiniteFloat = Field(3e-4, gt=0, description="policy learning rate (Adam)")
     policy_frequency: int = Field(2, ge=1, description="the policy steps every this many updates")
     policy_schedule: Literal["burst", "delayed"] = Field(
         "burst", description="burst: policy_frequency policy steps each time (CleanRL's SAC); delayed: one step "
                              "(TD3's policy delay)")
-    alpha: float = Field(0.2, gt=0, description="entropy temperature (initial value when autotuned)")
+    alpha: FiniteFloat = Field(0.2, gt=0, description="entropy temperature (initial value when autotuned)")
     autotune_alpha: bool = Field(True, description="tune alpha towards target_entropy")
-    target_entropy: float | None = Field(None, description="entropy target; default -|A|")
-    alpha_lr: float = Field(1e-3, gt=0, description="learning rate of log(alpha)")
-    lr_final_fraction: float = Field(
+    target_entropy: FiniteFloat | None = Field(None, description="entropy target; default -|A|")
+    alpha_lr: FiniteFloat = Field(1e-3, gt=0, description="learning rate of log(alpha)")
+    lr_final_fraction: FiniteFloat = Field(
         1.0, gt=0, le=1, description="q_lr and policy_lr fall linearly to this fraction of themselves over the run "
                                      "(1 = constant, CleanRL's anneal_lr idea)")
     critic: CriticConfig = CriticConfig()

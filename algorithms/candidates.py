@@ -27,7 +27,7 @@ class CandidateConfig(AlgorithmConfig):
     improve_at: Literal["next_obs", "obs"] = Field(
         "next_obs", description="the states of the policy step: next_obs shares the TD target's flow solve, obs "
                                 "draws candidates at the batch's states (and start states) with a second solve")
-    policy_frequency: int = 1
+    policy_frequency: int = Field(1, ge=1, description="the policy steps every this many updates")
 
 
 def effective_sample_fraction(weights: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 from torch.nn import functional as F
 
@@ -28,7 +28,7 @@ class CriticConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["mlp", "quadratic"] = "mlp"
-    hidden: list[int] = [256, 256]
+    hidden: list[PositiveInt] = Field([256, 256], description="MLP widths (mlp only)")
 
 
 class StackedLinear(nn.Module):

@@ -100,7 +100,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, FiniteFloat, PositiveInt
 
 from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
 from softflow.algorithms.critics import Temperature
@@ -114,30 +114,30 @@ JITTER = 1e-4  # floor of the Gaussian proposal's covariance, as a fraction of t
 
 class FLAMEConfig(AlgorithmConfig):
     name: Literal["flame"] = "flame"
-    hidden: list[int] = Field([256, 256], min_length=1, description="MeanFlow network widths")
-    time_dim: int = Field(32, ge=2, description="size of each of the r and t embeddings (even)")
+    hidden: list[PositiveInt] = Field([256, 256], min_length=1, description="MeanFlow network widths")
+    time_dim: int = Field(32, ge=2, multiple_of=2, description="size of each of the r and t embeddings (even)")
     num_candidates: int = Field(50, ge=1, description="K, posterior candidates per replay pair")
     proposal: Literal["policy", "likelihood"] = Field(
         "policy", description="posterior candidates from the likelihood mixed with the linearised policy's Gaussian "
                               "posterior (7), or from the likelihood alone (the paper's)")
-    defensive_fraction: float = Field(0.1, gt=0, le=1, description="share of the K candidates drawn from the "
-                                                                   "likelihood under proposal: policy")
-    proposal_inflation: float = Field(1.5, ge=1, description="covariance factor of the Gaussian proposal (7)")
+    defensive_fraction: FiniteFloat = Field(0.1, gt=0, le=1, description="share of the K candidates drawn from the "
+                                                                         "likelihood under proposal: policy")
+    proposal_inflation: FiniteFloat = Field(1.5, ge=1, description="covariance factor of the Gaussian proposal (7)")
     entropy_steps: int = Field(20, ge=1, description="steps of the decoupled log-density solve")
     log_prob: Literal["exact", "hutchinson"] = Field("exact", description="per-step log-det of that solve")
-    time_max_frequency: float = Field(10.0, gt=0, description="highest frequency of the r and t embeddings")
-    flow_matching_fraction: float = Field(0.5, ge=0, le=1, description="fraction of (r, t) pairs with t = r")
+    time_max_frequency: FiniteFloat = Field(10.0, gt=0, description="highest frequency of the r and t embeddings")
+    flow_matching_fraction: FiniteFloat = Field(0.5, ge=0, le=1, description="fraction of (r, t) pairs with t = r")
     end_time: Literal["one", "uniform"] = Field("one", description="t of the other pairs: 1, or r <= t uniform")
-    r_min: float = Field(0.05, gt=0, lt=0.5, description="r is clipped to [r_min, 1 - r_min]")
-    exploration_scale: float = Field(0.05, ge=0, description="exploring: noise std = this x alpha (normalised)")
-    target_entropy_per_dim: float = Field(-3.0, description="target entropy / |A| when target_entropy is unset")
+    r_min: FiniteFloat = Field(0.05, gt=0, lt=0.5, description="r is clipped to [r_min, 1 - r_min]")
+    exploration_scale: FiniteFloat = Field(0.05, ge=0, description="exploring: noise std = this x alpha (normalised)")
+    target_entropy_per_dim: FiniteFloat = Field(-3.0, description="target entropy / |A| when target_entropy is unset")
     policy_frequency: int = Field(2, ge=1, description="the policy steps every this many updates (the code's 2)")
     policy_schedule: Literal["burst", "delayed"] = Field(
         "delayed", description="delayed: one actor step every policy_frequency updates (the code's delay_update)")
-    q_loss_weight: float = Field(0.0, ge=0, description="weight of the code's -Q(s, a_theta) term in the actor "
-                                                        "loss (1 there; 0 keeps pi+ the fixed point)")
-    reward_scale: float = Field(1.0, gt=0, description="rewards are multiplied by this inside the update (the "
-                                                       "code's 0.2; 1 keeps alpha on the reward's scale)")
+    q_loss_weight: FiniteFloat = Field(0.0, ge=0, description="weight of the code's -Q(s, a_theta) term in the actor "
+                                                              "loss (1 there; 0 keeps pi+ the fixed point)")
+    reward_scale: FiniteFloat = Field(1.0, gt=0, description="rewards are multiplied by this inside the update (the "
+                                                             "code's 0.2; 1 keeps alpha on the reward's scale)")
     lr_schedule: Literal["run", "code"] = Field(
         "run", description="run: both rates fall linearly over the run to lr_final_fraction (the skeleton's); "
                            "code: the policy's alone, from update lr_decay_begin over lr_decay_updates")

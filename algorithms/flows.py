@@ -41,7 +41,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PositiveInt
 from torch import nn
 from torch.func import jvp
 
@@ -175,11 +175,11 @@ class FlowConfig(BaseModel):
     """The flow policy: a velocity field (an MLP by default) with a sinusoidal time embedding, solved in fixed steps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    hidden: list[int] = Field([256, 256], min_length=1, description="velocity MLP widths")
-    time_dim: int = Field(32, ge=2, description="size of the time embedding (even)")
+    hidden: list[PositiveInt] = Field([256, 256], min_length=1, description="velocity MLP widths")
+    time_dim: int = Field(32, ge=2, multiple_of=2, description="size of the time embedding (even)")
     steps: int = Field(10, ge=1, description="ODE solver steps K")
-    base_std: float = Field(1.0, gt=0, description="sigma_0 of the base noise N(0, sigma_0^2 I); below 1 for targets "
-                                                   "much narrower than N(0, I) (module docstring)")
+    base_std: FiniteFloat = Field(1.0, gt=0, description="sigma_0 of the base noise N(0, sigma_0^2 I); below 1 for "
+                                                         "targets much narrower than N(0, I) (module docstring)")
     integrator: Literal["euler", "midpoint"] = "euler"
     log_prob: Literal["exact", "hutchinson"] = Field(
         "exact", description="exact: each step's Jacobian log-det; hutchinson: the trace estimate along the solve "

@@ -70,7 +70,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FiniteFloat, field_validator, model_validator
 
 from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching, effective_sample_fraction
 from softflow.algorithms.flows import FlowConfig, FlowPolicy
@@ -86,10 +86,10 @@ class FMERConfig(CandidateConfig):
     weighting: Weighting = Field("soft", description="soft (1, v3), advantage (2, v1), or the top1 and "
                                                      "unnormalised ablations (module docstring)")
     tune_mirror_temperature: bool = Field(True, description="set T each update from the weights' ESS")
-    target_ess: float = Field(0.5, gt=0, le=1, description="the ESS fraction (of M) that tuned T keeps")
-    mirror_temperature: float = Field(0.0, ge=0, description="T when it is not tuned (0: ISFM's full step)")
+    target_ess: FiniteFloat = Field(0.5, gt=0, le=1, description="the ESS fraction (of M) that tuned T keeps")
+    mirror_temperature: FiniteFloat = Field(0.0, ge=0, description="T when it is not tuned (0: ISFM's full step)")
     entropy_term: bool = Field(True, description="false: no entropy anywhere (alpha = 0), the ablation")
-    entropy_loss_weight: float = Field(0.0, ge=0, description="lambda of v1's explicit entropy loss (3); 0: off")
+    entropy_loss_weight: FiniteFloat = Field(0.0, ge=0, description="lambda of v1's explicit entropy loss (3); 0: off")
     entropy_loss_until: int | None = Field(None, ge=0, description="drop the loss (3) from this update on (v1's "
                                                                   "'entropy off after N steps'); null: never")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, FiniteFloat
 
 from softflow.algorithms.candidates import CandidateConfig, CandidateFlowMatching, effective_sample_fraction
 from softflow.algorithms.policy import PolicySample
@@ -30,7 +30,7 @@ from softflow.algorithms.policy import PolicySample
 
 class ISFMConfig(CandidateConfig):
     name: Literal["isfm"] = "isfm"
-    weight_temperature: float = Field(1.0, gt=0, le=1, description="beta in w proportional to ratio^beta")
+    weight_temperature: FiniteFloat = Field(1.0, gt=0, le=1, description="beta in w proportional to ratio^beta")
 
 
 class ISFM(CandidateFlowMatching):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, FiniteFloat, PositiveInt
 
 from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
 from softflow.algorithms.policy import GaussianPolicy, PolicySample
@@ -20,10 +20,11 @@ from softflow.algorithms.squash import Squash
 
 class SACConfig(AlgorithmConfig):
     name: Literal["sac"] = "sac"
-    hidden: list[int] = Field([256, 256], min_length=1, description="policy MLP widths")
-    log_std_min: float = -5.0
-    log_std_max: float = 2.0
-    alpha: float = Field(1.0, gt=0, description="entropy temperature (initial value when autotuned: CleanRL's 1.0)")
+    hidden: list[PositiveInt] = Field([256, 256], min_length=1, description="policy MLP widths")
+    log_std_min: FiniteFloat = Field(-5.0, description="lower bound of log sigma")
+    log_std_max: FiniteFloat = Field(2.0, description="upper bound of log sigma")
+    alpha: FiniteFloat = Field(1.0, gt=0, description="entropy temperature (initial value when autotuned: CleanRL's "
+                                                      "1.0)")
 
 
 class SAC(SoftActorCritic):

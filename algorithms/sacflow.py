@@ -64,7 +64,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FiniteFloat, PositiveInt, field_validator, model_validator
 from torch import nn
 
 from softflow.algorithms.base import AlgorithmConfig, SoftActorCritic
@@ -174,8 +174,8 @@ class SACFlowConfig(AlgorithmConfig):
     noise: Literal["learned", "fixed"] = Field(
         "learned", description="learned: sigma(s) from an MLP on the state, log sigma in [-5, 2] (the code's); "
                                "fixed: sigma = noise_std (the path entropy is then a constant)")
-    noise_hidden: list[int] = Field([512, 512], description="learned noise: widths of the log-sigma MLP (ReLU)")
-    noise_std: float = Field(0.1, gt=0, description="fixed noise: sigma of the noise-augmented rollout")
+    noise_hidden: list[PositiveInt] = Field([512, 512], description="learned noise: widths of the log-sigma MLP (ReLU)")
+    noise_std: FiniteFloat = Field(0.1, gt=0, description="fixed noise: sigma of the noise-augmented rollout")
     batch_size: int = Field(512, ge=1, description="transitions per update (the code's 512)")
     policy_frequency: int = Field(3, ge=1, description="the policy steps every this many updates (the code's "
                                                        "policy_delay 3)")
@@ -184,8 +184,8 @@ class SACFlowConfig(AlgorithmConfig):
                                "policy_frequency steps each time")
     autotune_alpha: bool = Field(True, description="tune alpha towards target_entropy (the code's); off by "
                                                    "default with noise: fixed")
-    target_entropy: float | None = Field(0.0, description="entropy target for -E[log p_c] (the code's 0); None: "
-                                                          "-|A|")
+    target_entropy: FiniteFloat | None = Field(0.0, description="entropy target for -E[log p_c] (the code's 0); None: "
+                                                                "-|A|")
 
     @model_validator(mode="before")
     @classmethod

@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from softflow.deploy import arguments as checked
+from softflow.deploy.arguments import OneLineParser
 from softflow.deploy.config import ConfigError, RunStopped
 
 USAGE_ERROR = 2
@@ -75,45 +77,52 @@ def _bench(args: argparse.Namespace) -> int:
 BENCHMARKS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "learner": ("the five algorithms' update costs over a bare CleanRL SAC and over SAC, eager and compiled, and "
                 "where an update's time goes", [
-                    ("--batch-sizes", {"default": "256,1024,4096", "help": "batch sizes of the SAC ratios"}),
-                    ("--compile", {"default": "none,default",
+                    ("--batch-sizes", {"type": checked.integer_list(ge=1), "default": "256,1024,4096",
+                                       "help": "batch sizes of the SAC ratios"}),
+                    ("--compile", {"type": checked.choice_list(["none", "default", "reduce-overhead"]),
+                                   "default": "none,default",
                                    "help": "compile modes to time (none, default, reduce-overhead)"}),
-                    ("--updates", {"type": int, "default": 30,
+                    ("--updates", {"type": checked.count, "default": 30,
                                    "help": "timed updates per case, in --repeats blocks of a multiple of 6"}),
-                    ("--repeats", {"type": int, "default": 5, "help": "alternating rounds; the median is reported"}),
+                    ("--repeats", {"type": checked.count, "default": 5,
+                                   "help": "alternating rounds; the median is reported"}),
                     ("--device", {"default": "auto", "choices": ["auto", "cpu", "cuda"]}),
                     ("--quick", {"action": "store_true", "help": "1 round of 6 updates, batch 256, eager only"})]),
     "runtime": ("the Ray runtime's costs against the same loops alone, for an experiment file", [
         ("experiment", {"nargs": "?", "default": "cluster/experiments/inverted-pendulum.yaml",
                         "help": "the experiment to measure (default: the Quickstart experiment)"}),
         ("overrides", {"nargs": "*", "help": "key=value overrides of the experiment"}),
-        ("--seconds", {"type": float, "default": 10.0, "help": "seconds per timed loop"})]),
+        ("--seconds", {"type": checked.seconds, "default": 10.0, "help": "seconds per timed loop"})]),
     "rllib": ("softflow's SAC against RLlib's SAC for the same wall time", [
-        ("--env", {"default": "HalfCheetah-v5"}),
-        ("--seconds", {"type": float, "default": 120.0, "help": "seconds per library"}),
-        ("--batch-size", {"type": int, "default": 256}),
-        ("--updates-per-step", {"type": float, "default": 1.0, "help": "the UTD ratio of both"})]),
+        ("--env", {"type": checked.env_id, "default": "HalfCheetah-v5"}),
+        ("--seconds", {"type": checked.seconds, "default": 120.0, "help": "seconds per library"}),
+        ("--batch-size", {"type": checked.count, "default": 256}),
+        ("--updates-per-step", {"type": checked.number(gt=0), "default": 1.0, "help": "the UTD ratio of both"})]),
     "serve": ("the gRPC policy server's latency and throughput, batched and unbatched, and a fuzz run", [
         ("experiment", {"nargs": "?", "default": "cluster/experiments/inverted-pendulum.yaml",
                         "help": "an experiment to train briefly and serve, or a run directory or checkpoint"}),
         ("overrides", {"nargs": "*", "help": "key=value overrides of the experiment"}),
-        ("--seconds", {"type": float, "default": 2.0, "help": "seconds per round of each load level and mode"}),
-        ("--clients", {"default": "1,8,64", "help": "concurrent clients per load level"}),
-        ("--connections", {"type": int, "default": 1, "help": "connections the clients share"}),
-        ("--rounds", {"type": int, "default": 9, "help": "alternating rounds per load level"}),
-        ("--fuzz", {"type": int, "default": 10_000, "help": "fuzzed requests (0: none)"}),
-        ("--max-batch-wait-ms", {"type": float, "default": None,
+        ("--seconds", {"type": checked.seconds, "default": 2.0,
+                       "help": "seconds per round of each load level and mode"}),
+        ("--clients", {"type": checked.integer_list(ge=1), "default": "1,8,64",
+                       "help": "concurrent clients per load level"}),
+        ("--connections", {"type": checked.count, "default": 1, "help": "connections the clients share"}),
+        ("--rounds", {"type": checked.count, "default": 9, "help": "alternating rounds per load level"}),
+        ("--fuzz", {"type": checked.integer(ge=0), "default": 10_000, "help": "fuzzed requests (0: none)"}),
+        ("--max-batch-wait-ms", {"type": checked.number(ge=0), "default": None,
                                  "help": "the batched server's wait (default: softflow serve's)"})]),
     "act": ("time per action of SAC, FLAME, the 10-step flow and SAC Flow, best of --candidates", [
-        ("--candidates", {"type": int, "default": 32, "help": "best-of-N candidates per state"}),
-        ("--repeats", {"type": int, "default": 5, "help": "timed blocks; the median is reported"}),
+        ("--candidates", {"type": checked.count, "default": 32, "help": "best-of-N candidates per state"}),
+        ("--repeats", {"type": checked.count, "default": 5, "help": "timed blocks; the median is reported"}),
         ("--quick", {"action": "store_true", "help": "a short run for tests"})]),
     "gradients": ("SAC Flow's actor-gradient norms over training for K = 4, 7, 10 and the naive, gated and decoded "
                   "velocities", [
-                      ("--env", {"default": "HalfCheetah-v5"}),
-                      ("--env-steps", {"type": int, "default": 5000, "help": "env steps per run (1000 random)"}),
-                      ("--batch-size", {"type": int, "default": 256}),
-                      ("--plot", {"default": None, "help": "write the figure to this PNG"})]),
+                      ("--env", {"type": checked.env_id, "default": "HalfCheetah-v5"}),
+                      ("--env-steps", {"type": checked.integer(gt=1000), "default": 5000,
+                                       "help": "env steps per run (1000 random)"}),
+                      ("--batch-size", {"type": checked.count, "default": 256}),
+                      ("--plot", {"type": checked.new_file, "default": None,
+                                  "help": "write the figure to this PNG"})]),
 }
 
 
@@ -141,8 +150,20 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# The types of the serve and act flags (declared in deploy/serve/), by dest.
+SERVE_FLAGS = {"port": checked.port, "token_file": checked.existing_file, "tls_cert": checked.existing_file,
+               "tls_key": checked.existing_file, "max_batch_rows": checked.count,
+               "max_batch_wait_ms": checked.number(ge=0), "max_request_rows": checked.count,
+               "max_candidates": checked.count, "max_message_bytes": checked.count,
+               "max_concurrent_rpcs": checked.count, "reload_interval": checked.number(ge=0),
+               "torch_threads": checked.integer(ge=0)}
+ACT_FLAGS = {"address": checked.address, "candidates": checked.integer(ge=0),
+             "seed": checked.integer(ge=0, le=2**64 - 1), "token_file": checked.existing_file,
+             "tls_cert": checked.existing_file, "timeout": checked.seconds}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softflow", description="Flow-matching policies for max-entropy RL.")
+    parser = OneLineParser(prog="softflow", description="Flow-matching policies for max-entropy RL.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment")
@@ -157,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained policy (JSON on stdout)")
     evaluate.add_argument("path", help="a run directory or a checkpoint file")
-    evaluate.add_argument("--episodes", type=int, default=10, help="deterministic evaluation episodes")
-    evaluate.add_argument("--seed", type=int, default=20_000, help="seed of the first episode")
+    evaluate.add_argument("--episodes", type=checked.count, default=10, help="deterministic evaluation episodes")
+    evaluate.add_argument("--seed", type=checked.seed, default=20_000, help="seed of the first episode")
     evaluate.set_defaults(func=_evaluate)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on stdout)")
@@ -174,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*",
                        help="key=value: 'space.KEY={grid: [..]}' sets a key's search space, a sweep field "
                             "(num_samples=4) sets it, anything else overrides the experiment of every trial")
-    sweep.add_argument("--sweep-dir", help="sweep directory (default runs/<name>-<time>)")
+    sweep.add_argument("--sweep-dir", type=checked.directory, help="sweep directory (default runs/<name>-<time>)")
     sweep.add_argument("--address", help="Ray cluster to join ('auto' or host:port; RAY_ADDRESS works too); "
                                          "default: start Ray on this machine")
     sweep.set_defaults(func=_sweep)
@@ -184,17 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a trained policy over gRPC (softflow.v1.PolicyService)")
     add_serve_arguments(serve)
+    checked.constrain(serve, SERVE_FLAGS)
     serve.set_defaults(func=_serve)
 
     act = commands.add_parser("act", help="ask a policy server for actions (JSON on stdout)")
     add_act_arguments(act)
+    checked.constrain(act, ACT_FLAGS)
     act.set_defaults(func=_act)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except ConfigError as exc:
         print(f"softflow: error: {exc}", file=sys.stderr)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
 from softflow.deploy.config import ConfigError, ExperimentConfig, parse_experiment, read_yaml
 
@@ -61,8 +61,10 @@ class Distribution(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     grid: list[Any] | None = Field(None, min_length=1, description="every value, one trial each (tune.grid_search)")
     choice: list[Any] | None = Field(None, min_length=1, description="one value drawn per sample (tune.choice)")
-    uniform: tuple[float, float] | None = Field(None, description="[low, high], drawn uniformly (tune.uniform)")
-    loguniform: tuple[float, float] | None = Field(None, description="[low, high] > 0, uniform in log space")
+    uniform: tuple[FiniteFloat, FiniteFloat] | None = Field(None, description="[low, high], drawn uniformly "
+                                                                               "(tune.uniform)")
+    loguniform: tuple[FiniteFloat, FiniteFloat] | None = Field(None, description="[low, high] > 0, uniform in log "
+                                                                                  "space")
 
     @model_validator(mode="after")
     def _one_distribution(self) -> Distribution:

@@ -65,7 +65,7 @@ def test_evaluate_command_prints_a_json_summary(run_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["evaluate", "no/such/run"], "softflow: error: no checkpoint at no/such/run: give a run directory"),
-    (["evaluate", "RUN", "--episodes", "0"], "softflow: error: --episodes must be at least 1 (got 0)"),
+    (["evaluate", "RUN", "--episodes", "0"], "softflow: error: --episodes: must be an integer >= 1 (got '0')"),
 ])
 def test_evaluate_bad_input_is_one_line(run_dir, args, message):
     args = [str(run_dir) if a == "RUN" else a for a in args]

@@ -265,8 +265,8 @@ def taken_port():
     (["serve", "RUN", "--tls-cert", "RUN/config.yaml"], "give both --tls-cert and --tls-key, or neither"),
     (["serve", "RUN", "--tls-cert", "RUN/config.yaml", "--tls-key", "RUN/config.yaml"],
      "--tls-cert and --tls-key do not load as a PEM certificate and its private key"),
-    (["serve", "RUN", "--token-file", "no/such/token"], "cannot read the token file no/such/token"),
-    (["serve", "RUN", "--max-batch-rows", "0"], "--max-batch-rows must be at least 1 (got 0)"),
+    (["serve", "RUN", "--token-file", "no/such/token"], "--token-file: must be an existing file (got 'no/such/token'"),
+    (["serve", "RUN", "--max-batch-rows", "0"], "--max-batch-rows: must be an integer >= 1 (got '0')"),
     (["act", "--obs", "[1, 2"], "--obs is not a JSON list of numbers"),
     (["act", "--obs", "[[[1]]]"], "--obs must be one observation [..] or a batch [[..], ..] (got 3 levels)"),
 ])
