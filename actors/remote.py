@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class RunSummary:
     episode_returns: list[float]
     episode_lengths: list[int]
     episode_infos: list[dict[str, Any]]
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,31 @@ class ReplayStatus:
                 "replay/inserts_per_s": self.inserts_per_s, "replay/samples_per_s": self.samples_per_s}
 
 
-class RolloutActor:
+class Watched:
+    """A process the driver restarts itself when it dies (deploy/run/supervision.py).
+
+    ``watch`` blocks for the life of the process. The driver calls it in a concurrency group of its own (Ray
+    starts these classes with ``concurrency_groups={"watch": 1}``), beside the calls that do the work, so the call
+    fails the moment the process dies, whether it was busy or idle.
+    """
+
+    def watch(self) -> None:
+        threading.Event().wait()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RolloutActor(Watched):
     """Steps ``envs_per_actor`` environments with best-of-N acting from the newest weights it was handed.
 
     ``run`` returns the fragment (its transitions go to the replay actor as a value the driver owns, so a dead actor
-    takes no stored data with it) and a small summary the driver reads (episode returns, policy version).
+    takes no stored data with it) and a small summary the driver reads (episode returns, policy version, and the
+    ``incarnation`` the driver started this process as: 0, then one more for each restart).
     """
 
     def __init__(self, env_config, algorithm_config, envs_per_actor: int, candidates: int, seed: int,
-                 exploration_noise: float = 0.0, threads: int | None = 1):
+                 exploration_noise: float = 0.0, incarnation: int = 0, threads: int | None = 1):
         if threads is not None:  # None: sharing a process (serial mode), whose thread count stays
             torch.set_num_threads(threads)
         self.worker = RolloutWorker(lambda i: make_env(env_config), envs_per_actor, self._act, seed,
@@ -74,6 +92,7 @@ class RolloutActor:
         low, high = self.worker.action_space.low.reshape(-1), self.worker.action_space.high.reshape(-1)
         self.algorithm = make_algorithm(algorithm_config, self.worker.obs_dim, low, high, "cpu")
         self.candidates = candidates
+        self.incarnation = incarnation
         torch.manual_seed(seed)
 
     def _act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
@@ -96,10 +115,7 @@ class RolloutActor:
             self.set_weights(weights)
         fragment = self.worker.run(num_steps, random_actions=random_actions)
         return fragment, RunSummary(len(fragment), fragment.policy_version, fragment.episode_returns,
-                                    fragment.episode_lengths, fragment.episode_infos)
-
-    def pid(self) -> int:
-        return os.getpid()
+                                    fragment.episode_lengths, fragment.episode_infos, self.incarnation)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -164,11 +180,11 @@ class ReplayActor:
         return ray.get_runtime_context().get_node_id()
 
 
-class Evaluator:
+class Evaluator(Watched):
     """Runs evaluation episodes with given weights in its own process, so training never stops for them.
 
     ``task_metrics(algorithm)`` adds the task's own figures to each evaluation (the LQR's distance to the soft
-    optimum)."""
+    optimum). A restarted evaluator keeps ``seed``: every evaluation runs on the same episode seeds."""
 
     def __init__(self, env_config, algorithm_config, obs_dim: int, low: np.ndarray, high: np.ndarray,
                  candidates: int, seed: int, threads: int | None = 1,

@@ -26,6 +26,25 @@ def tiny_experiment(**sections) -> ExperimentConfig:
     return parse_experiment(tree | sections)
 
 
+def ray_experiment(**sections) -> dict:
+    """The config tree of a small, fast SAC run on Ray: two rollout actors on InvertedPendulum-v5 (600 env steps,
+    fragments of 2 envs x 10 steps, a checkpoint every 100 updates, an evaluation every 300 steps); each of
+    ``sections`` extends that section (a dict) or replaces that key."""
+    tree = {
+        "name": "runtime-test", "seed": 0, "total_env_steps": 600, "log_every_steps": 100,
+        "env": {"id": "InvertedPendulum-v5"},
+        "algorithm": {"name": "sac", "batch_size": 32, "hidden": [32, 32], "critic": {"hidden": [32, 32]}},
+        "actors": {"count": 2, "num_cpus": 0.5, "envs_per_actor": 2, "fragment_length": 10, "candidates": 2},
+        "replay": {"capacity": 10_000, "updates_per_step": 0.5},
+        "learner": {"learning_starts": 100, "checkpoint_every": 100, "publish_every": 10,
+                    "batches_per_request": 2, "num_gpus": 0, "num_cpus": 0.5},
+        "eval": {"every_steps": 300, "episodes": 1},
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree[key], **value} if isinstance(value, dict) else value
+    return tree
+
+
 def train_tiny_run(run_dir: Path) -> Path:
     """A tiny serial ISFM run (:func:`tiny_experiment`) trained into ``run_dir``; the run directory."""
     from softflow.deploy.run.driver import train

@@ -5,7 +5,9 @@ and returns a future, ``get`` reads it, ``wait`` says which futures are done, ``
 layouts supply it (Acme's same agent, local or distributed; Sample Factory's serial mode):
 
 - :class:`RayProcesses`: a rollout actor, the replay actor, the learner and the evaluator are Ray actors, placed by
-  the run's placement group (placement.py), with their restart policies; calls run concurrently.
+  the run's placement group (placement.py), with their restart policies; calls run concurrently. Ray restarts the
+  replay actor; the rollout actors and the evaluator are restarted by the driver (supervision.py), which watches
+  each of them with a ``watch`` call in a concurrency group of its own.
 - :class:`LocalProcesses` (``actors.count: 0``): the same classes as plain objects in this process; a call runs to
   completion when it is made and returns a finished future, so the loop steps the environment, fills the replay
   buffer and updates in turn, deterministically. Nothing of Ray is started.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,12 @@ from softflow.actors.remote import Evaluator, ReplayActor, RolloutActor
 from softflow.deploy.config import ExperimentConfig
 from softflow.deploy.run.placement import Topology, learner_gpus
 from softflow.learner.remote import LearnerActor, LocalReplay, RemoteReplay
+
+
+@cache
+def _watched(cls: type):
+    """``cls`` as a Ray actor class with a ``watch`` concurrency group beside the default one."""
+    return ray.remote(concurrency_groups={"watch": 1})(cls)
 
 
 class RayProcesses:
@@ -49,11 +58,26 @@ class RayProcesses:
     def wait(futures: list, timeout: float) -> list:
         return ray.wait(futures, num_returns=1, timeout=timeout)[0]
 
-    def rollout_actor(self, index: int, *args: Any):
+    @staticmethod
+    def ready(futures: list) -> list:
+        """Those of ``futures`` that have finished, without waiting."""
+        return ray.wait(futures, num_returns=len(futures), timeout=0)[0]
+
+    @staticmethod
+    def watch(handle):
+        """A call that fails when the process of ``handle`` dies (supervision.py)."""
+        return handle.watch.options(concurrency_group="watch").remote()
+
+    @staticmethod
+    def kill(handle) -> None:
+        ray.kill(handle, no_restart=True)
+
+    def rollout_actor(self, index: int, *args: Any, **kwargs: Any):
+        """Rollout actor ``index`` (its bundle of the placement group); the driver restarts it when it dies."""
         c = self.config.actors
-        return ray.remote(RolloutActor).options(
-            num_cpus=c.num_cpus, resources=c.resources, max_restarts=-1, max_task_retries=0,
-            **self.topology.actor(index)).remote(*args, threads=1)
+        return _watched(RolloutActor).options(
+            num_cpus=c.num_cpus, resources=c.resources, max_restarts=0, max_task_retries=0,
+            **self.topology.actor(index)).remote(*args, threads=1, **kwargs)
 
     def replay(self, *args: Any):
         return ray.remote(ReplayActor).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
@@ -70,13 +94,21 @@ class RayProcesses:
                                               share=ray.put, **kwargs)
 
     def evaluator(self, *args: Any, **kwargs: Any):
-        return ray.remote(Evaluator).options(num_cpus=0, **self.topology.learner()).remote(*args, threads=1,
-                                                                                           **kwargs)
+        """The evaluator, beside the learner; the driver restarts it when it dies."""
+        return _watched(Evaluator).options(num_cpus=0, max_restarts=0, max_task_retries=0,
+                                           **self.topology.learner()).remote(*args, threads=1, **kwargs)
 
     def placement(self, learner, replay, actors: list) -> dict[str, Any]:
-        """The Ray node of the learner, the replay actor and each rollout actor."""
+        """The Ray node of the learner, the replay actor and each rollout actor (``dead`` for one that died just
+        now)."""
+        nodes = []
+        for actor in actors:
+            try:
+                nodes.append(ray.get(actor.node_id.remote()))
+            except self.errors:
+                nodes.append("dead")
         return {"learner": ray.get(learner.node_id.remote()), "replay": ray.get(replay.node_id.remote()),
-                "actors": ray.get([a.node_id.remote() for a in actors])}
+                "actors": nodes}
 
     def close(self) -> None:
         """Releases the run's placement group (its actors end with it)."""
@@ -144,8 +176,20 @@ class LocalProcesses:
     def wait(futures: list, timeout: float) -> list:
         return futures  # every call has finished when it returns
 
-    def rollout_actor(self, index: int, *args: Any) -> LocalHandle:
-        return LocalHandle(RolloutActor(*args, threads=None))
+    @staticmethod
+    def ready(futures: list) -> list:
+        return futures
+
+    @staticmethod
+    def watch(handle: LocalHandle) -> None:
+        return None  # this process is the driver's own: nothing to watch
+
+    @staticmethod
+    def kill(handle: LocalHandle) -> None:
+        pass
+
+    def rollout_actor(self, index: int, *args: Any, **kwargs: Any) -> LocalHandle:
+        return LocalHandle(RolloutActor(*args, threads=None, **kwargs))
 
     def replay(self, *args: Any) -> LocalHandle:
         return LocalHandle(ReplayActor(*args))

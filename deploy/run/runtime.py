@@ -10,9 +10,11 @@ dead actor takes no stored data with it. The learner pulls batches from the repl
 and, every ``learner.publish_every`` updates, puts its weights into the object store once; the driver passes the newest
 reference to each actor with its next fragment request, so acting never waits for weights. The replay actor's rate
 limiter holds ``replay.updates_per_step``: the learner waits when it is ahead, and the driver holds actors back when
-they are. Actors that die are restarted by Ray (``max_restarts``) and rejoin with the current weights. A replay
-actor that dies is restarted from its last save (every checkpoint); the transitions inserted since then are lost and
-counted (``replay/lost_transitions``). A learner that dies stops the run (:class:`LearnerDied`); ``--resume``
+they are. Rollout actors and the evaluator that die are restarted by the driver (supervision.py), each death
+counted once (``actors/restarts``, ``eval/restarts``) and the transitions of the runs a dead actor had not delivered
+counted (``actors/lost_transitions``); a restarted actor rejoins with a fresh seed and the current weights. A replay
+actor that dies is restarted by Ray from its last save (every checkpoint); the transitions inserted since then are
+lost and counted (``replay/lost_transitions``). A learner that dies stops the run (:class:`LearnerDied`); ``--resume``
 continues it from the last checkpoint.
 """
 
@@ -22,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from softflow.algorithms import Algorithm, make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
 from softflow.deploy.run.processes import LocalProcesses, RayProcesses
 from softflow.deploy.run.reports import lqr_report, needs_task_report, task_report
+from softflow.deploy.run.supervision import Supervised, Supervisor, actor_seed
 from softflow.learner.remote import SAMPLE_REQUESTS_IN_FLIGHT, TrainResult
 
 WAIT_TIMEOUT_S = 0.05
@@ -56,19 +59,10 @@ class Counters:
     updates: int = 0
     restarts: int = 0
     lost_transitions: int = 0
+    evaluator_restarts: int = 0
     next_log: int = 0
     next_eval: int = 0
     next_checkpoint: int = 0
-
-
-@dataclass
-class ActorSlot:
-    """One rollout actor as the driver sees it: its handle, runs in flight, and the weight version it holds."""
-
-    handle: Any
-    epoch: int = 0
-    version: int = -1
-    runs: dict = field(default_factory=dict)  # summary ref -> (fragment ref, epoch, transitions)
 
 
 def ratio_tolerance(config: ExperimentConfig) -> float:
@@ -127,12 +121,20 @@ class Runtime:
                                   f"be continued, start it afresh in a new directory")
         self.counters = Counters(next_log=config.log_every_steps, next_eval=config.eval.every_steps,
                                  next_checkpoint=config.learner.checkpoint_every)
-        c = config
-        self.processes = p = processes or (RayProcesses(c) if c.actors.count > 0 else LocalProcesses(c))
-        self.slots = [ActorSlot(p.rollout_actor(i, c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates,
-                                                c.seed + 1000 * i, c.actors.exploration_noise))
+        self.evaluation: tuple | None = None  # (the evaluation in flight, the evaluator's incarnation running it)
+        self.processes = processes or (RayProcesses(config) if config.actors.count > 0 else LocalProcesses(config))
+        try:
+            self._start(resume, restore)
+        except BaseException:
+            self.processes.close()
+            raise
+
+    def _start(self, resume: bool, restore: Path | None) -> None:
+        c, p = self.config, self.processes
+        self.supervisor = Supervisor(p, c.actors.max_restarts, self._stopped_at)
+        self.slots = [self.supervisor.start(f"rollout actor {i}", partial(self._rollout_actor, i))
                       for i in range(p.rollout_actors)]
-        self.obs_dim, self.low, self.high = p.get(self.slots[0].handle.spaces.remote())
+        self.obs_dim, self.low, self.high = self._call(self.slots[0], "spaces")
         self.replay = p.replay(c.replay.capacity, self.obs_dim, len(self.low), c.replay.updates_per_step,
                                c.learner.learning_starts, ratio_tolerance(c), c.seed,
                                str(self.checkpoints))
@@ -140,12 +142,15 @@ class Runtime:
                                  p.replay_client(self.replay, c.learner.batches_per_request, c.algorithm.batch_size),
                                  c.seed, checkpoint_meta(c, self.obs_dim, self.low, self.high),
                                  str(restore / checkpoints.LEARNER_FILE) if restore else None, c.learner.compile)
-        self.evaluator = p.evaluator(c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates,
-                                     c.seed + 10_000, task_metrics=evaluation_task_metrics(c))
+        self.evaluator = self.supervisor.start("the evaluator", lambda incarnation: p.evaluator(
+            c.env, c.algorithm, self.obs_dim, self.low, self.high, c.actors.candidates, c.seed + 10_000,
+            task_metrics=evaluation_task_metrics(c)), rollout=False)
         described = p.get(self.learner.describe.remote())
         self.device = described["device"]
         if resume:
+            restarted = self.counters.restarts  # rollout actors that died before the spaces came
             self.counters = Counters(**described["driver"])
+            self.counters.restarts += restarted
         self.weights = p.get(self.learner.publish.remote())
         self.status = p.get(self.replay.status.remote())
         self.counters.env_steps = self.status.inserts
@@ -162,11 +167,13 @@ class Runtime:
         pending = 0  # transitions of runs submitted but not yet in the replay buffer
         adds: dict = {}  # add ref -> transitions
         learner_task = self._train_learner()
-        eval_task, status_task = None, None
+        status_task = None
         window = Window()
         while n.env_steps < c.total_env_steps:
             if stop_requested():
                 self._stop(stop_requested(), learner_task, adds)
+            for member, incarnation, exc in self.supervisor.deaths():  # before any run goes to a dead actor
+                self._died(member, incarnation, exc)
             for slot in self.slots:
                 while (len(slot.runs) < self.processes.runs_in_flight and n.env_steps + pending < c.total_env_steps
                        and self.status.insert_allowance - pending >= chunk):
@@ -175,6 +182,7 @@ class Runtime:
                     pending += chunk
             if not adds and all(not s.runs for s in self.slots) and status_task is None:
                 status_task = self.replay.status.remote()
+            eval_task = self.evaluation[0] if self.evaluation else None
             waiting = [learner_task, *adds, *(r for s in self.slots for r in s.runs)]
             waiting += [t for t in (eval_task, status_task) if t is not None]
             ready = self.processes.wait(waiting, WAIT_TIMEOUT_S)
@@ -183,8 +191,7 @@ class Runtime:
                     window.learner(self._learner_result(learner_task))
                     learner_task = self._train_learner()
                 elif ref is eval_task:
-                    window.metrics |= self.processes.get(eval_task)
-                    eval_task = None
+                    window.metrics |= self._evaluation_result()
                 elif ref is status_task:
                     self.status = self.processes.get(status_task)
                     status_task = None
@@ -195,16 +202,16 @@ class Runtime:
                     n.env_steps += transitions
                 else:
                     pending -= self._run_finished(ref, adds, window)
-            if eval_task is None and c.eval.episodes and n.env_steps >= n.next_eval:
-                eval_task = self.evaluator.evaluate.remote(self.weights.reference, c.eval.episodes)
+            if self.evaluation is None and c.eval.episodes and n.env_steps >= n.next_eval:
+                self.evaluation = (self.evaluator.handle.evaluate.remote(self.weights.reference, c.eval.episodes),
+                                   self.evaluator.incarnation)
                 n.next_eval += c.eval.every_steps
             if n.updates >= n.next_checkpoint:
                 self.checkpoint()
                 n.next_checkpoint += c.learner.checkpoint_every
             if n.env_steps >= n.next_log or n.env_steps >= c.total_env_steps:
-                if eval_task is not None and self.processes.wait([eval_task], 0):  # a finished evaluation joins
-                    window.metrics |= self.processes.get(eval_task)
-                    eval_task = None
+                if self.evaluation and self.processes.wait([self.evaluation[0]], 0):  # a finished one joins
+                    window.metrics |= self._evaluation_result()
                 report(n.env_steps, window.report(self.weights.version, self.status, n))
                 window = Window()
                 n.next_log += c.log_every_steps
@@ -223,31 +230,72 @@ class Runtime:
         raise RunStopped(f"stopped by {reason} at {self.counters.env_steps} env steps with a checkpoint. Continue "
                          f"it with: softflow train --resume {self.run_dir}")
 
-    def _submit(self, slot: ActorSlot, random_actions: bool) -> None:
+    def _submit(self, slot: Supervised, random_actions: bool) -> None:
         weights = None if slot.version == self.weights.version else self.weights.reference
         slot.version = self.weights.version
         chunk = self.config.actors.fragment_length * self.config.actors.envs_per_actor
         fragment_ref, summary_ref = slot.handle.run.options(num_returns=2).remote(
             self.config.actors.fragment_length, random_actions, weights)
-        slot.runs[summary_ref] = (fragment_ref, slot.epoch, chunk)
+        slot.runs[summary_ref] = (fragment_ref, slot.incarnation, chunk)
 
     def _run_finished(self, summary_ref, adds: dict, window: Window) -> int:
-        """Forwards a finished run's fragment to the replay actor, or counts its loss if the actor died; returns
-        the transitions that are no longer pending in the driver's own accounting (lost ones)."""
+        """Forwards a finished run's fragment to the replay actor, or, when its actor died first, counts the run's
+        transitions as lost (and the death, if it is news); returns the transitions that are no longer pending in the
+        driver's own accounting (lost ones)."""
         slot = next(s for s in self.slots if summary_ref in s.runs)
-        fragment_ref, epoch, transitions = slot.runs.pop(summary_ref)
+        fragment_ref, incarnation, transitions = slot.runs.pop(summary_ref)
         try:
             summary = self.processes.get(summary_ref)
-        except self.processes.errors:
-            if epoch == slot.epoch:  # the first failed run of this incarnation: one restart
-                self.counters.restarts += 1
-                slot.epoch += 1
-                slot.version = -1  # the restarted process has fresh weights: send the current ones
+        except self.processes.errors as exc:
+            self._died(slot, incarnation, exc)
             self.counters.lost_transitions += transitions
             return transitions
         adds[self.replay.add.remote(fragment_ref)] = transitions
         window.fragment(summary, self.weights.version)
         return 0
+
+    def _rollout_actor(self, index: int, incarnation: int):
+        c = self.config
+        return self.processes.rollout_actor(index, c.env, c.algorithm, c.actors.envs_per_actor, c.actors.candidates,
+                                            actor_seed(c.seed, index, incarnation), c.actors.exploration_noise,
+                                            incarnation=incarnation)
+
+    def _died(self, member: Supervised, incarnation: int, exc: BaseException) -> None:
+        """Restarts a rollout actor or the evaluator whose ``incarnation`` died and counts the death, once however
+        many signals it sends (supervision.py)."""
+        if self.supervisor.died(member, incarnation, exc):
+            if member.rollout:
+                self.counters.restarts += 1
+            else:
+                self.counters.evaluator_restarts += 1
+
+    def _call(self, member: Supervised, method: str, *args: Any) -> Any:
+        """``member.method(*args)``, called again on the restarted process when the process dies in it."""
+        while True:
+            incarnation = member.incarnation
+            try:
+                return self.processes.get(getattr(member.handle, method).remote(*args))
+            except self.processes.errors as exc:
+                self._died(member, incarnation, exc)
+
+    def _evaluation_result(self) -> dict[str, float]:
+        """The metrics of the evaluation in flight, which has finished; none when the evaluator died in it (it is
+        restarted and the evaluation runs again)."""
+        task, incarnation = self.evaluation
+        self.evaluation = None
+        try:
+            return self.processes.get(task)
+        except self.processes.errors as exc:
+            self._died(self.evaluator, incarnation, exc)
+            self.counters.next_eval -= self.config.eval.every_steps
+            return {}
+
+    def _stopped_at(self) -> str:
+        """Where a run that cannot go on stopped, and whether it can be continued."""
+        where = f"the run stopped at {self.counters.env_steps} env steps"
+        if not any(self.checkpoints.glob(f"{checkpoints.SET_PREFIX}*")):
+            return f"{where}, before its first checkpoint"
+        return f"{where}, its checkpoints are kept. Continue it with: softflow train --resume {self.run_dir}"
 
     def _train_learner(self):
         progress = self.counters.env_steps / self.config.total_env_steps
@@ -284,13 +332,16 @@ class Runtime:
 
     def finish(self) -> dict[str, Any]:
         c = self.config
+        for member, incarnation, exc in self.supervisor.deaths():
+            self._died(member, incarnation, exc)
+        evaluation = self._call(self.evaluator, "evaluate", self.weights.reference, c.eval.episodes) \
+            if c.eval.episodes else {}
         summary: dict[str, Any] = {"env_steps": self.counters.env_steps, "updates": self.counters.updates,
                                    "actors/restarts": self.counters.restarts,
                                    "actors/lost_transitions": self.counters.lost_transitions,
+                                   "eval/restarts": self.counters.evaluator_restarts,
                                    "replay/lost_transitions": self.counters.env_steps - self.status.inserts,
-                                   "learner/device": self.device}
-        if c.eval.episodes:
-            summary |= self.processes.get(self.evaluator.evaluate.remote(self.weights.reference, c.eval.episodes))
+                                   "learner/device": self.device, **evaluation}
         summary["placement"] = self.processes.placement(self.learner, self.replay, [s.handle for s in self.slots])
         if needs_task_report(c):
             algorithm = make_algorithm(c.algorithm, self.obs_dim, self.low, self.high, "cpu")
@@ -304,6 +355,9 @@ class Runtime:
 
     def actor_pids(self) -> list[int]:
         return self.processes.get([s.handle.pid.remote() for s in self.slots])
+
+    def evaluator_pid(self) -> int:
+        return self.processes.get(self.evaluator.handle.pid.remote())
 
 
 class Window:
@@ -339,7 +393,8 @@ class Window:
         report |= episode_info_means(self.infos, "train")
         report |= {"learner/updates": counters.updates, "learner/updates_per_s": self.updates / elapsed,
                    "actors/env_steps_per_s": self.transitions / elapsed, "actors/restarts": counters.restarts,
-                   "actors/lost_transitions": counters.lost_transitions, "weights/version": version,
+                   "actors/lost_transitions": counters.lost_transitions, "eval/restarts": counters.evaluator_restarts,
+                   "weights/version": version,
                    **({"weights/version_lag": float(np.mean(self.lags))} if self.lags else {}),
                    **status.metrics(), "replay/lost_transitions": counters.env_steps - status.inserts}
         return report

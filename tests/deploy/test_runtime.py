@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from helpers import ray_experiment as experiment
 
 from softflow import checkpoints
 from softflow.deploy.config import load_experiment, parse_experiment
@@ -21,23 +22,6 @@ from softflow.deploy.run.runtime import Runtime
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray, pytest.mark.usefixtures("ray_runtime")]
 RAY_NUM_CPUS = 4  # the embedded Ray of the ray_runtime fixture
-
-
-def experiment(**sections) -> dict:
-    """A small, fast SAC run on InvertedPendulum-v5; ``sections`` replace or extend parts of it."""
-    tree = {
-        "name": "runtime-test", "seed": 0, "total_env_steps": 600, "log_every_steps": 100,
-        "env": {"id": "InvertedPendulum-v5"},
-        "algorithm": {"name": "sac", "batch_size": 32, "hidden": [32, 32], "critic": {"hidden": [32, 32]}},
-        "actors": {"count": 2, "num_cpus": 0.5, "envs_per_actor": 2, "fragment_length": 10, "candidates": 2},
-        "replay": {"capacity": 10_000, "updates_per_step": 0.5},
-        "learner": {"learning_starts": 100, "checkpoint_every": 100, "publish_every": 10,
-                    "batches_per_request": 2, "num_gpus": 0, "num_cpus": 0.5},
-        "eval": {"every_steps": 300, "episodes": 1},
-    }
-    for key, value in sections.items():
-        tree[key] = {**tree[key], **value} if isinstance(value, dict) else value
-    return tree
 
 
 @pytest.fixture
@@ -107,7 +91,7 @@ def test_killed_rollout_actor_is_restarted_and_the_run_completes(make_runtime):
     victim = runtime.actor_pids()[0]
     summary = runtime.run(kill_at(600, victim))
     assert summary["env_steps"] == 2000
-    assert summary["actors/restarts"] >= 1
+    assert summary["actors/restarts"] == 1  # one death, counted once however many runs it took
     assert summary["actors/lost_transitions"] % 20 == 0  # whole fragments of 2 envs x 10 steps
     assert victim not in runtime.actor_pids()
 
