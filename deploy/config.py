@@ -196,7 +196,7 @@ def _range_message(item: dict[str, Any]) -> str:
     integer = annotation is int
     interval = valid_range(bounds, integer)
     if item["type"] == "finite_number":
-        return f"must be a finite number{' ' + interval if interval else ''}"
+        return f"must be {'an integer' if integer else 'a finite number'}{' ' + interval if interval else ''}"
     return f"must be {interval}"
 
 
