@@ -1,7 +1,7 @@
 """The ``softflow`` command.
 
     softflow train EXPERIMENT.yaml [key=value ...] [--run-dir DIR] [--address ADDR]
-    softflow train --resume RUN_DIR [key=value ...]
+    softflow train --resume RUN_DIR [key=value ...]     (only the keys of deploy/run/resumes.py's RESUMABLE)
     softflow evaluate RUN_DIR_OR_CHECKPOINT [--episodes N]
     softflow bench learner [--batch-sizes 256,1024,4096] [--compile none,default] [--updates N] [--repeats N]
                            [--device auto|cpu|cuda] [--quick]
@@ -35,6 +35,7 @@ USAGE_ERROR = 2
 
 def _train(args: argparse.Namespace) -> int:
     from softflow.deploy.config import load_experiment
+    from softflow.deploy.run import resumes
     from softflow.deploy.run.driver import check_fresh_run_dir, default_run_dir, train
 
     if args.resume:
@@ -43,6 +44,7 @@ def _train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no run there (no config.yaml); give the directory of a run that "
                               f"wrote a checkpoint")
+        resumes.check_overrides(run_dir, overrides)
         config = load_experiment(run_dir / "config.yaml", overrides)
     elif args.experiment is None:
         raise ConfigError("give an experiment file (e.g. cluster/experiments/inverted-pendulum.yaml) "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, dump_config
+from softflow.deploy.run import resumes
 from softflow.deploy.run.metrics import MetricsLogger
 from softflow.deploy.run.progress import TrainingProgress, print_summary
 from softflow.learner.learner import TrainingDiverged, learner_device
@@ -52,21 +53,26 @@ def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, addres
           resume: bool = False) -> dict[str, Any]:
     """Trains ``config``, writes the run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json,
     learning_curve.png, W&B files, and the task reports of reports.py: lqr.json, multigoal.json and .png) and
-    returns the summary. A fresh run refuses a directory that already holds one (:func:`check_fresh_run_dir`)."""
+    returns the summary. A fresh run refuses a directory that already holds one (:func:`check_fresh_run_dir`); a
+    resumed one refuses a config that changes more than resumes.py allows, before anything is touched, and records
+    what it changed in ``resumes.jsonl``."""
+    changed = resumes.changes(run_dir, config) if resume else None
     if not resume:
         check_fresh_run_dir(run_dir)
     if config.actors.count > 0:
         with ray_connection(address):
-            return _train(config, run_dir, progress, resume)
+            return _train(config, run_dir, progress, changed)
     try:
         learner_device(config.learner.num_gpus)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return _train(config, run_dir, progress, resume)
+    return _train(config, run_dir, progress, changed)
 
 
-def _train(config: ExperimentConfig, run_dir: Path, progress: bool, resume: bool) -> dict[str, Any]:
-    """The run directory, metrics and display around the training loop."""
+def _train(config: ExperimentConfig, run_dir: Path, progress: bool, changed: dict | None) -> dict[str, Any]:
+    """The run directory, metrics and display around the training loop (``changed``: None for a fresh run, the
+    settings a resume changes otherwise)."""
+    resume = changed is not None
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
@@ -78,7 +84,7 @@ def _train(config: ExperimentConfig, run_dir: Path, progress: bool, resume: bool
 
         try:
             with stop_on_signals() as stop:
-                summary = run_loop(config, run_dir, report, resume, stop)
+                summary = run_loop(config, run_dir, report, resume, stop, changed)
         except TrainingDiverged as exc:
             logger.abort()
             cause = getattr(exc, "cause", exc)  # through Ray, the learner's exception is the cause
@@ -93,12 +99,15 @@ def _train(config: ExperimentConfig, run_dir: Path, progress: bool, resume: bool
 
 
 def run_loop(config: ExperimentConfig, run_dir: Path, report: Report, resume: bool,
-             stop_requested: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
-    """Runs the training loop, on the Ray this process is connected to or (serial mode) in this process."""
+             stop_requested: Callable[[], str | None] = lambda: None, changed: dict | None = None) -> dict[str, Any]:
+    """Runs the training loop, on the Ray this process is connected to or (serial mode) in this process; a resume
+    is recorded (resumes.py) once its checkpoint is loaded."""
     from softflow.deploy.run.runtime import Runtime
 
     runtime = Runtime(config, run_dir, resume=resume)
     try:
+        if resume:
+            resumes.record(run_dir, runtime.counters.env_steps, changed or {}, config)
         return runtime.run(report, stop_requested)
     finally:
         runtime.close()

@@ -204,6 +204,28 @@ def test_a_serial_run_resumes_to_a_larger_budget(run, tmp_path):
     newest, _ = checkpoints.newest_set(resumed_dir / "checkpoints")
     assert len(ReplayBuffer.load(newest / "replay.npz")) == TOTAL + 200
     assert json.loads((resumed_dir / "lqr.json").read_text())["rel_err_K"] == summary["lqr/rel_err_K"]
+    # the resume is recorded, and config.yaml holds the new budget for a later --resume
+    (record,) = [json.loads(line) for line in (resumed_dir / "resumes.jsonl").read_text().splitlines()]
+    assert record["env_steps"] == TOTAL and record["changed"] == {"total_env_steps": [TOTAL, TOTAL + 200]}
+    assert load_experiment(resumed_dir / "config.yaml").total_env_steps == TOTAL + 200
+
+
+@pytest.mark.parametrize("override", ["algorithm.gamma=0.5", "replay.capacity=1000", "seed=0",
+                                      "learner={checkpoint_every: 5, publish_every: 3}"])
+def test_a_resume_that_would_change_the_experiment_is_refused_and_touches_nothing(run, override):
+    """Only the keys of deploy/run/resumes.py's RESUMABLE may change on resume: any other (even to the value it
+    has) ends with one line naming it and the allowed set, exit 2, every file of the run unchanged."""
+    _, run_dir, _ = run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    command = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "softflow.deploy.cli"]
+    result = subprocess.run([*command, "train", "--resume", str(run_dir), "total_env_steps=400", override,
+                             "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    key = override.split("=")[0].replace("learner", "learner.publish_every")
+    assert result.stderr.startswith(f"softflow: error: --resume {run_dir}: {key} cannot change when a run is resumed")
+    assert "total_env_steps, log_every_steps, eval.*, wandb.*, actors.count" in result.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("actors", [0, 1])
@@ -226,3 +248,15 @@ def test_default_run_directories_of_runs_started_together_differ():
 
     config = load_experiment(EXPERIMENT)
     assert len({default_run_dir(config) for _ in range(50)}) == 50
+
+
+def test_resuming_through_the_python_api_refuses_a_changed_experiment_too(run):
+    from softflow.deploy.config import ConfigError
+    from softflow.deploy.run.driver import train
+
+    config, run_dir, _ = run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    changed = parse_experiment(config.model_dump(mode="json") | {"seed": config.seed + 1})
+    with pytest.raises(ConfigError, match=r"seed cannot change when a run is resumed \(only total_env_steps, "):
+        train(changed, run_dir, progress=False, resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
