@@ -11,6 +11,7 @@ import numpy as np
 from softflow.actors.fragment import Fragment
 
 _STORED_FIELDS: tuple[str, ...] = ("obs", "actions", "rewards", "next_obs", "terminated")
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")  # what a saved buffer may name
 
 
 class ReplayBuffer:
@@ -145,7 +146,10 @@ class ReplayBuffer:
         buf._cursor = int(meta["cursor"])
         buf.inserted = int(meta["inserted"])
         buf.sampled = int(meta["sampled"])
-        bit_generator = getattr(np.random, meta["rng_state"]["bit_generator"])()
+        name = meta["rng_state"]["bit_generator"]
+        if name not in BIT_GENERATORS:
+            raise ValueError(f"{path}: unknown bit generator {name!r}")
+        bit_generator = getattr(np.random, name)()
         bit_generator.state = meta["rng_state"]
         buf.rng = np.random.Generator(bit_generator)
         return buf

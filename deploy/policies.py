@@ -7,7 +7,6 @@ checkpoint set (softflow/checkpoints.py). Files are loaded without running code 
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +71,20 @@ def load_policy(path: str | Path) -> Policy:
     file = checkpoint_path(path)
     try:
         state = checkpoints.load(file, "cpu")
+    except checkpoints.CheckpointError as exc:
+        raise ConfigError(f"{file} is not a softflow checkpoint: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{file} cannot be read ({exc.strerror or exc})") from None
+    try:
         spaces, config = state["spaces"], parse_experiment(state["config"])
-    except (KeyError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-        raise ConfigError(f"{file} is not a softflow checkpoint ({type(exc).__name__}: {exc})") from None
-    algorithm = make_algorithm(config.algorithm, spaces["obs_dim"], np.array(spaces["low"], dtype=np.float32),
-                               np.array(spaces["high"], dtype=np.float32), "cpu")
-    algorithm.load_state_dict(state["algorithm"])
+        algorithm = make_algorithm(config.algorithm, int(spaces["obs_dim"]), np.array(spaces["low"], dtype=np.float32),
+                                   np.array(spaces["high"], dtype=np.float32), "cpu")
+        algorithm.load_state_dict(state["algorithm"])
+    except ConfigError as exc:
+        raise ConfigError(f"{file} holds a config that does not load: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"{file} is not a softflow checkpoint ({type(exc).__name__}: {message})") from None
     return Policy(algorithm, config.actors.candidates, state["config"])
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +108,31 @@ def newest_set(checkpoints: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
+class CheckpointError(pickle.UnpicklingError):
+    """A file that does not load as a checkpoint without running code; the message is one line."""
+
+
+def _problem(exc: Exception) -> str:
+    """The gist of a load error in one line (torch's weights-only errors span paragraphs)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        detail = next(line for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() + [""] if line.strip())
+        detail = detail.split(" Please use ", 1)[0].strip().rstrip(".") or "an instruction it does not allow"
+        return (f"it holds something other than tensors, numbers, strings, lists and dicts, and was refused "
+                f"without running it ({detail})")
+    return f"{type(exc).__name__}: {' '.join(text.split())[:300]}"
+
+
 def load(path: Path, device: Any = "cpu") -> dict[str, Any]:
     """A learner checkpoint file, loaded without running code (``weights_only``): tensors, numbers, strings,
-    lists and dicts only."""
+    lists and dicts only. OSError if it cannot be read, CheckpointError if it is not such a file."""
     import torch
 
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        with warnings.catch_warnings():  # a pickle of another protocol: a note on stderr before the refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # the unpickler and the zip reader raise many types for a file that is not one
+        raise CheckpointError(_problem(exc)) from None
