@@ -12,7 +12,8 @@
     softflow bench act [--candidates N] [--repeats N] [--quick]
     softflow bench gradients [--env ENV] [--env-steps N] [--batch-size B] [--plot PNG]
     softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
-    softflow serve RUN_DIR_OR_CHECKPOINT [--port P] [--host H] [--token-file F] [--tls-cert C --tls-key K] [...]
+    softflow serve RUN_DIR_OR_CHECKPOINT [--port P] [--host H] [--token-file F] [--tls-cert C --tls-key K]
+                   [--insecure] [--max-request-work N] [...]
     softflow act [--address HOST:PORT] [--obs JSON] [--candidates N] [--deterministic] [--seed S] [--token-file F]
 
 Bad input ends with one line on stderr naming what is wrong, and exit code 2; a run that cannot go on (its learner
@@ -156,7 +157,8 @@ def _sweep(args: argparse.Namespace) -> int:
 SERVE_FLAGS = {"port": checked.port, "token_file": checked.existing_file, "tls_cert": checked.existing_file,
                "tls_key": checked.existing_file, "max_batch_rows": checked.count,
                "max_batch_wait_ms": checked.number(ge=0), "max_request_rows": checked.count,
-               "max_candidates": checked.count, "max_message_bytes": checked.count,
+               "max_candidates": checked.count, "max_request_work": checked.count,
+               "max_batch_work": checked.count, "max_message_bytes": checked.count,
                "max_concurrent_rpcs": checked.count, "reload_interval": checked.number(ge=0),
                "torch_threads": checked.integer(ge=0)}
 ACT_FLAGS = {"address": checked.address, "candidates": checked.integer(ge=0),

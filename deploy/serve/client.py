@@ -15,6 +15,7 @@ UNAUTHENTICATED, ...), ``err.details()`` the server's one-line reason.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from softflow.deploy.serve.proto import (
     SERVICE_NAME,
+    TOKEN_ENV,
     ActRequest,
     InfoRequest,
     PolicyServiceStub,
@@ -115,7 +117,8 @@ def add_act_arguments(parser) -> None:
     parser.add_argument("--candidates", type=int, default=0, help="best-of-N (0: the checkpoint's)")
     parser.add_argument("--deterministic", action="store_true", help="the zero-noise action, one candidate")
     parser.add_argument("--seed", type=int, help="seed this request's sampling")
-    parser.add_argument("--token-file", help="file holding the server's bearer token")
+    parser.add_argument("--token-file", help=f"file holding the server's bearer token (default: ${TOKEN_ENV} "
+                                             f"when set)")
     parser.add_argument("--tls-cert", help="PEM certificate the server's must chain to (its own if self-signed)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
 
@@ -132,7 +135,8 @@ def act_command(args) -> dict:
     if obs is not None and obs.ndim not in (1, 2):
         raise ValueError(f"--obs must be one observation [..] or a batch [[..], ..] (got {obs.ndim} levels)")
     try:
-        with PolicyClient(args.address, token_file=args.token_file, tls_cert=args.tls_cert,
+        token = (os.environ.get(TOKEN_ENV, "").strip() or None) if args.token_file is None else None
+        with PolicyClient(args.address, token=token, token_file=args.token_file, tls_cert=args.tls_cert,
                           timeout=args.timeout) as client:
             if obs is None:
                 return client.info()

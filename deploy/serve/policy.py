@@ -5,21 +5,25 @@
 - :func:`parse_act_request`: raw request bytes to an :class:`ActQuery`, or a :class:`RequestError` with the gRPC
   status and a one-line reason: INVALID_ARGUMENT for malformed requests (not an ActRequest, a dtype other than
   float32/float64, a shape that is not (rows, obs_dim) or does not match the data, an empty batch, NaN or inf,
-  deterministic with several candidates), RESOURCE_EXHAUSTED for well-formed ones over a limit (rows, candidates).
+  deterministic with several candidates), RESOURCE_EXHAUSTED for well-formed ones over a limit (rows, candidates,
+  rows x candidates).
 - :class:`Batcher`: concurrent queries wait in one queue on the server's event loop; its task gathers up to
-  ``max_rows`` rows while new queries keep arriving (at most ``max_wait_ms`` after the first), makes one policy
-  call per candidate count, and hands each caller its rows. A seeded query is served alone, under its seed.
+  ``max_rows`` rows and ``max_work`` rows x candidates while new queries keep arriving (at most ``max_wait_ms``
+  after the first), makes one policy call per candidate count in its inference thread, and hands each caller its
+  rows, or INTERNAL when they hold NaN or inf. A seeded query is served alone, under its seed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -29,6 +33,9 @@ from google.protobuf.message import DecodeError
 from softflow import checkpoints
 from softflow.deploy.policies import Policy, checkpoint_path, load_policy
 from softflow.deploy.serve.proto import ActRequest, from_tensor
+
+if TYPE_CHECKING:
+    from softflow.deploy.serve.security import ServeOptions
 
 log = logging.getLogger("softflow.serve")
 Status = grpc.StatusCode
@@ -101,9 +108,15 @@ class ActQuery:
     candidates: int
     seed: int | None
 
+    @property
+    def work(self) -> int:
+        """Rows x candidates: the policy samples and critic evaluations this query costs."""
+        return len(self.obs) * self.candidates
 
-def parse_act_request(raw: bytes, served: ServedPolicy, max_rows: int, max_candidates: int) -> ActQuery:
-    """The query in a serialised ActRequest; RequestError when it is malformed or over a limit."""
+
+def parse_act_request(raw: bytes, served: ServedPolicy, limits: ServeOptions) -> ActQuery:
+    """The query in a serialised ActRequest; RequestError when it is malformed or over one of ``limits``."""
+    max_rows, max_candidates = limits.max_request_rows, limits.max_candidates
     try:
         request = ActRequest.FromString(raw)
     except DecodeError:
@@ -139,7 +152,12 @@ def parse_act_request(raw: bytes, served: ServedPolicy, max_rows: int, max_candi
     if candidates > max_candidates:
         raise RequestError(Status.RESOURCE_EXHAUSTED, f"{candidates} candidates is over this server's limit of "
                                                       f"{max_candidates}")
-    return ActQuery(obs, candidates, request.seed if request.HasField("seed") else None)
+    query = ActQuery(obs, candidates, request.seed if request.HasField("seed") else None)
+    if query.work > limits.max_request_work:
+        raise RequestError(Status.RESOURCE_EXHAUSTED, f"{len(obs)} rows x {candidates} candidates = {query.work} is "
+                                                      f"over this server's limit of {limits.max_request_work} per "
+                                                      f"request; send fewer rows or candidates")
+    return query
 
 
 def infer(served: ServedPolicy, obs: np.ndarray, candidates: int, seed: int | None) -> np.ndarray:
@@ -170,21 +188,25 @@ class _Job:
 class Batcher:
     """Gathers concurrent queries into policy calls (see the module docstring), on the server's event loop.
 
-    ``submit`` is awaited by each ``Act`` handler; ``run`` is the task that serves the queue. The policy call runs on
-    the loop itself: a batch is one call, and handing it to a thread only makes it contend with the loop for the GIL
-    (measured: no more answers per second, and a wider spread). ``current`` returns the policy to serve the next
-    batch with, so a reload takes effect between two batches. Without ``batching`` every query is its own policy
-    call (the unbatched baseline). A query whose caller went away (its handler task cancelled, which cancels the
-    future it awaits) before its turn is skipped. ``policy_calls`` and ``queries_served`` count what it has done.
+    ``submit`` is awaited by each ``Act`` handler; ``run`` is the task that serves the queue. Policy calls run one
+    at a time in an inference thread of ``run``'s own, so the loop goes on answering health checks, ``Info`` and new
+    calls (which queue up for the next batch) while the policy computes. ``current`` returns the policy to serve the
+    next batch with, so a reload takes effect between two batches. Without ``batching`` every query is its own
+    policy call (the unbatched baseline). A query whose caller went away (its handler task cancelled, which cancels
+    the future it awaits) before its turn is skipped. ``policy_calls`` and ``queries_served`` count what it has done.
     """
 
-    def __init__(self, current: Callable[[], ServedPolicy], batching: bool, max_rows: int, max_wait_ms: float):
+    def __init__(self, current: Callable[[], ServedPolicy], batching: bool, max_rows: int, max_wait_ms: float,
+                 max_work: int = 65_536):
         self._current = current
         self._batching = batching
         self._max_rows = max_rows
+        self._max_work = max_work
         self._max_wait_s = max_wait_ms / 1e3
         self._jobs: deque[_Job] = deque()
+        self._in_flight: list[_Job] = []
         self._queued_rows = 0
+        self._queued_work = 0
         self._first_queued: asyncio.Future | None = None  # what the idle batcher waits on
         self.policy_calls = 0
         self.queries_served = 0
@@ -194,37 +216,44 @@ class Batcher:
         job = _Job(query, asyncio.get_running_loop().create_future(), time.monotonic())
         self._jobs.append(job)
         self._queued_rows += len(query.obs)
+        self._queued_work += query.work
         if self._first_queued is not None and not self._first_queued.done():
             self._first_queued.set_result(None)
         return await job.future
 
     async def run(self) -> None:
         """Serves the queue until cancelled; the callers still queued then get :class:`ServerStopping`."""
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="softflow-infer")
         try:
             while True:
                 jobs = await self._gather()
                 served = self._current()
                 by_candidates: dict[int, list[_Job]] = {}
                 for job in jobs:
-                    if not job.future.done():  # done: cancelled, its caller went away
-                        by_candidates.setdefault(job.query.candidates, []).append(job)
+                    by_candidates.setdefault(job.query.candidates, []).append(job)
                 for candidates, group in by_candidates.items():
-                    self._serve(served, candidates, group)
+                    group = [job for job in group if not job.future.done()]  # done: cancelled, its caller went away
+                    if group:
+                        self._in_flight = group
+                        await self._serve(executor, served, candidates, group)
+                        self._in_flight = []
                 await asyncio.sleep(0)  # the loop delivers the answers, new calls and cancellations first
         finally:
-            for job in self._jobs:
+            executor.shutdown(wait=False, cancel_futures=True)
+            for job in [*self._in_flight, *self._jobs]:
                 if not job.future.done():
                     job.future.set_exception(ServerStopping("the server is stopping"))
 
     async def _gather(self) -> list[_Job]:
-        """The next batch: the first query and, with batching, the queries behind it that fit in ``max_rows`` rows.
+        """The next batch: the first query and, with batching, the queries behind it that fit in ``max_rows`` rows
+        and ``max_work`` rows x candidates.
 
         With batching, the batch stays open while the loop keeps handing over new queries: it closes after
         ``QUIET_ITERATIONS`` turns of the loop without one (the calls that had reached the server are queued; a lone
-        caller waits only those turns, a fraction of a millisecond), at ``max_rows`` queued rows, or ``max_wait``
-        after its first query arrived. Measured on 2 cores at 64 clients: 10 turns close batches too early
-        (2.0-3.0x the unbatched throughput), 20-50 give 3.4-4.1x; a fixed wait of the whole ``max_wait`` does as well
-        at 64 clients but at 8 makes batching slower than none.
+        caller waits only those turns, a fraction of a millisecond), at ``max_rows`` queued rows or ``max_work``
+        queued work, or ``max_wait`` after its first query arrived. Measured on 2 cores at 64 clients: 10 turns
+        close batches too early (2.0-3.0x the unbatched throughput), 20-50 give 3.4-4.1x; a fixed wait of the whole
+        ``max_wait`` does as well at 64 clients but at 8 makes batching slower than none.
         """
         while not self._jobs:
             self._first_queued = asyncio.get_running_loop().create_future()
@@ -233,33 +262,52 @@ class Batcher:
         if self._batching and first.query.seed is None:
             deadline = first.queued_at + self._max_wait_s
             quiet = 0
-            while quiet < QUIET_ITERATIONS and self._queued_rows < self._max_rows and time.monotonic() < deadline:
+            while (quiet < QUIET_ITERATIONS and self._queued_rows < self._max_rows
+                   and self._queued_work < self._max_work and time.monotonic() < deadline):
                 queued = len(self._jobs)
                 await asyncio.sleep(0)
                 quiet = quiet + 1 if len(self._jobs) == queued else 0
-        jobs, rows = [self._jobs.popleft()], len(first.query.obs)
+        jobs, rows, work = [self._jobs.popleft()], len(first.query.obs), first.query.work
         while self._batching and first.query.seed is None and self._jobs:
             following = self._jobs[0].query
-            if following.seed is not None or rows + len(following.obs) > self._max_rows:
+            if (following.seed is not None or rows + len(following.obs) > self._max_rows
+                    or work + following.work > self._max_work):
                 break
             jobs.append(self._jobs.popleft())
             rows += len(following.obs)
+            work += following.work
         self._queued_rows -= rows
+        self._queued_work -= work
         return jobs
 
-    def _serve(self, served: ServedPolicy, candidates: int, group: list[_Job]) -> None:
+    async def _serve(self, executor: concurrent.futures.Executor, served: ServedPolicy, candidates: int,
+                     group: list[_Job]) -> None:
         obs = np.concatenate([job.query.obs for job in group]) if len(group) > 1 else group[0].query.obs
+        loop = asyncio.get_running_loop()
         try:
-            actions = infer(served, obs, candidates, group[0].query.seed)
-        except Exception as exc:  # the callers get INTERNAL with the reason; the server goes on
-            log.exception("inference failed for %d rows", len(obs))
+            actions = await loop.run_in_executor(executor, infer, served, obs, candidates, group[0].query.seed)
+        except Exception as exc:  # the callers get INTERNAL with the exception's type; the server goes on
+            log.error("inference failed for %d rows", len(obs), exc_info=exc)
             for job in group:
-                job.future.set_exception(exc)
+                if not job.future.done():
+                    job.future.set_exception(exc)
             return
         self.policy_calls += 1
+        finite = np.isfinite(actions).reshape(len(actions), -1).all(axis=1)
+        if not finite.all():
+            log.warning("the policy (version %d) produced NaN or inf actions for %d of %d rows; those callers got "
+                        "INTERNAL", served.version, int((~finite).sum()), len(obs))
         start = 0
         for job in group:
             rows = len(job.query.obs)
-            job.future.set_result((actions[start:start + rows], served))
-            start += rows
-        self.queries_served += len(group)
+            part, start = actions[start:start + rows], start + rows
+            if job.future.done():
+                continue
+            bad = int((~finite[start - rows:start]).sum())
+            if bad:
+                job.future.set_exception(RequestError(Status.INTERNAL, f"the policy produced NaN or inf actions for "
+                                                                       f"{bad} of {rows} rows (checkpoint version "
+                                                                       f"{served.version}); none were sent"))
+                continue
+            job.future.set_result((part, served))
+            self.queries_served += 1

@@ -13,26 +13,21 @@ One gRPC server (grpc.aio's, on an event loop in a thread of its own) runs:
 raised the batched throughput by a tenth to a fifth (:func:`settle_garbage_collector`).
 
 Hostile input: each request is checked before it is queued (deploy/serve/policy.py says which status each fault
-gets); messages over ``max_message_bytes`` get RESOURCE_EXHAUSTED from gRPC itself, and ``Act`` calls beyond
-``max_concurrent_rpcs`` in progress get it from the handler (grpc.aio's own limit would hold them back instead);
-calls without the right bearer token get UNAUTHENTICATED. Each refusal is one line naming what is wrong, and the
-server goes on.
+gets, work over ``max_request_work`` rows x candidates included); messages over ``max_message_bytes`` get
+RESOURCE_EXHAUSTED from gRPC itself, and ``Act`` calls beyond ``max_concurrent_rpcs`` in progress get it from the
+handler (grpc.aio's own limit would hold them back instead); calls without the right bearer token get
+UNAUTHENTICATED; actions with NaN or inf are never sent (INTERNAL). Each refusal is one line naming what is wrong,
+and the server goes on. Who may listen where, and with which token and TLS, is deploy/serve/security.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import gc
-import hmac
-import ipaddress
 import logging
 import os
 import signal
-import socket
-import ssl
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -53,7 +48,6 @@ from softflow.deploy.serve.policy import (
     parse_act_request,
 )
 from softflow.deploy.serve.proto import (
-    AUTH_HEADER,
     SERVICE_NAME,
     ActResponse,
     InfoRequest,
@@ -62,117 +56,18 @@ from softflow.deploy.serve.proto import (
     read_token,
     to_tensor,
 )
+from softflow.deploy.serve.security import (
+    TOKEN_ENV,
+    BearerTokenAuth,
+    ServeOptions,
+    check_can_listen,
+    host_port,
+    token_from_environment,
+)
 
 log = logging.getLogger("softflow.serve")
 Status = grpc.StatusCode
 GC_YOUNG_THRESHOLD = 5_000  # objects allocated (net) that set off a collection of the youngest generation
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeOptions:
-    """How the server listens, what it accepts, and how it batches (the ``softflow serve`` flags)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    token: str | None = None
-    tls_cert: bytes | None = None
-    tls_key: bytes | None = None
-    batching: bool = True
-    max_batch_rows: int = 256
-    max_batch_wait_ms: float = 5.0
-    max_request_rows: int = 1024
-    max_candidates: int = 256
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_concurrent_rpcs: int = 256
-    reload_interval_s: float = 2.0
-    device: str = "auto"
-
-    def check(self) -> None:
-        """ConfigError for contradictory or unsafe settings."""
-        for name in ("max_batch_rows", "max_request_rows", "max_candidates", "max_message_bytes",
-                     "max_concurrent_rpcs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.max_batch_wait_ms < 0 or self.reload_interval_s < 0:
-            raise ConfigError("--max-batch-wait-ms and --reload-interval cannot be negative")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("give both --tls-cert and --tls-key, or neither")
-        if self.tls_cert is not None:
-            check_tls_pair(self.tls_cert, self.tls_key)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible here; use auto or cpu")
-        if self.token is None and not is_loopback(self.host):
-            raise ConfigError(f"--host {self.host} is reachable from other machines: give --token-file (and "
-                              f"--tls-cert/--tls-key) so that only your clients can query the policy")
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-
-def check_tls_pair(cert: bytes, key: bytes) -> None:
-    """ConfigError when the PEM certificate (chain) and private key do not load as a pair; gRPC would only log its
-    reason and fail to bind."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory(prefix="softflow-tls-") as folder:  # ssl loads files only; 0700, removed after
-        cert_file, key_file = Path(folder, "cert.pem"), Path(folder, "key.pem")
-        cert_file.write_bytes(cert)
-        key_file.write_bytes(key)
-        try:
-            context.load_cert_chain(cert_file, key_file)
-        except ssl.SSLError:
-            raise ConfigError("--tls-cert and --tls-key do not load as a PEM certificate and its private key: is "
-                              "each a PEM file, and is the key the certificate's?") from None
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def check_can_listen(host: str, port: int) -> None:
-    """ConfigError with the system's reason when ``host:port`` cannot be bound (taken, or not this machine's);
-    gRPC's own bind error is a multi-line log."""
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}") from None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class BearerTokenAuth(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED for every call but health checks that lacks ``authorization: Bearer <token>``
-    (compared in constant time)."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith("/grpc.health.v1.Health/"):
-            return await continuation(details)
-        sent = dict(details.invocation_metadata or ()).get(AUTH_HEADER)
-        if sent is not None and hmac.compare_digest(str(sent).encode(), self._expected):
-            return await continuation(details)
-        message = ("no token: send the metadata 'authorization: Bearer <token>'" if sent is None
-                   else "wrong token in the 'authorization' metadata")
-
-        async def refuse(request, context):
-            await context.abort(Status.UNAUTHENTICATED, message)
-
-        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 class PolicyServer:
@@ -180,9 +75,8 @@ class PolicyServer:
     or ``with PolicyServer(path, options) as server: PolicyClient(server.address)``.
 
     The server is grpc.aio's, on an event loop in its own thread: each call is a coroutine on that loop, and the
-    :class:`Batcher`'s task makes the policy calls there, so no thread is parked or woken per call (the thread-pool
-    server did both, and answered 2.1x its unbatched throughput at 64 clients where this one answers 4.5-4.9x;
-    docs/serving.md).
+    :class:`Batcher`'s task gathers them into policy calls, which run one at a time in an inference thread, so
+    that health checks and ``Info`` answer at once while the policy is busy (docs/serving.md).
     """
 
     def __init__(self, path: str | Path, options: ServeOptions):
@@ -192,7 +86,7 @@ class PolicyServer:
         self.served = load_served(self.path, options.torch_device)
         self.port: int | None = None
         self.batcher = Batcher(lambda: self.served, options.batching, options.max_batch_rows,
-                               options.max_batch_wait_ms)
+                               options.max_batch_wait_ms, options.max_batch_work)
         self._calls = 0  # Act calls in progress, against max_concurrent_rpcs
         self._started: concurrent.futures.Future = concurrent.futures.Future()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -211,6 +105,9 @@ class PolicyServer:
         check_can_listen(self.options.host, self.options.port)
         self._thread.start()
         self.port = self._started.result()  # or the ConfigError of a failed bind
+        warning = self.options.insecure_warning(self.address)
+        if warning:
+            log.warning(warning)
         if self.options.reload_interval_s > 0:
             self._watcher.start()
         return self.port
@@ -283,14 +180,14 @@ class PolicyServer:
                                                            f"limit (--max-concurrent-rpcs); retry later")
         self._calls += 1
         try:
-            query = parse_act_request(raw, self.served, self.options.max_request_rows, self.options.max_candidates)
+            query = parse_act_request(raw, self.served, self.options)
             actions, served = await self.batcher.submit(query)
         except RequestError as exc:
             code, message = exc.code, exc.message
         except ServerStopping as exc:
             code, message = Status.UNAVAILABLE, str(exc)
         except Exception as exc:
-            code, message = Status.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}"
+            code, message = Status.INTERNAL, f"inference failed ({type(exc).__name__}); the server's log has why"
         else:
             return ActResponse(actions=to_tensor(actions), checkpoint_version=served.version,
                                candidates=query.candidates)
@@ -303,8 +200,9 @@ class PolicyServer:
         return InfoResponse(
             env_id=s.env_id, algorithm=s.algorithm, observation_space=Space(shape=[s.obs_dim]),
             action_space=Space(shape=[s.act_dim], low=s.low, high=s.high), checkpoint_version=s.version,
-            checkpoint_updates=s.updates, checkpoint_path=str(s.file), default_candidates=s.policy.candidates,
+            checkpoint_updates=s.updates, default_candidates=s.policy.candidates,
             max_request_rows=o.max_request_rows, max_candidates=o.max_candidates,
+            max_request_work=o.max_request_work, max_batch_work=o.max_batch_work,
             max_message_bytes=o.max_message_bytes, device=str(s.policy.algorithm.device),
             max_batch_rows=o.max_batch_rows if o.batching else 1,
             max_batch_wait_ms=o.max_batch_wait_ms if o.batching else 0.0)
@@ -340,20 +238,30 @@ class PolicyServer:
 def add_serve_arguments(parser) -> None:
     """The ``softflow serve`` flags (deploy/cli.py)."""
     d = ServeOptions()
+    parser.allow_abbrev = False  # or `--token SECRET` would pass for --token-file, with the secret in `ps`
     parser.add_argument("path", help="a run directory (its newest checkpoint, reloaded as training writes new ones) "
                                      "or a checkpoint file")
     parser.add_argument("--host", default=d.host, help="address to listen on (default loopback; any other needs "
-                                                       "--token-file)")
+                                                       "a token and TLS, or --insecure)")
     parser.add_argument("--port", type=int, default=d.port, help="0 picks a free port (printed at start)")
-    parser.add_argument("--token-file", help="file holding the bearer token clients must send")
+    parser.add_argument("--token-file", help=f"file holding the bearer token clients must send (default: "
+                                             f"${TOKEN_ENV} when set)")
     parser.add_argument("--tls-cert", help="PEM certificate (chain) for TLS; needs --tls-key")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without a token or TLS: unauthenticated, unencrypted "
+                             "inference open to the network")
     parser.add_argument("--no-batching", action="store_true", help="one policy call per request (the baseline)")
     parser.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows, help="most rows per policy call")
     parser.add_argument("--max-batch-wait-ms", type=float, default=d.max_batch_wait_ms,
                         help="longest a batch stays open for more requests after its first (0: only what is queued)")
     parser.add_argument("--max-request-rows", type=int, default=d.max_request_rows, help="most rows per request")
     parser.add_argument("--max-candidates", type=int, default=d.max_candidates, help="most candidates per state")
+    parser.add_argument("--max-request-work", type=int, default=d.max_request_work,
+                        help="most rows x candidates per request; more get RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-batch-work", type=int, default=d.max_batch_work,
+                        help="most rows x candidates gathered into one batch (a request alone may reach "
+                             "--max-request-work)")
     parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest request")
     parser.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
                         help="Act calls in progress at once; more get RESOURCE_EXHAUSTED")
@@ -373,14 +281,16 @@ def options_from_args(args) -> ServeOptions:
             raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
     try:
-        token = None if args.token_file is None else read_token(args.token_file)
+        token = token_from_environment() if args.token_file is None else read_token(args.token_file)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return ServeOptions(
         host=args.host, port=args.port, token=token, tls_cert=read(args.tls_cert, "--tls-cert"),
-        tls_key=read(args.tls_key, "--tls-key"), batching=not args.no_batching, max_batch_rows=args.max_batch_rows,
-        max_batch_wait_ms=args.max_batch_wait_ms, max_request_rows=args.max_request_rows,
-        max_candidates=args.max_candidates, max_message_bytes=args.max_message_bytes,
+        tls_key=read(args.tls_key, "--tls-key"), insecure=args.insecure, batching=not args.no_batching,
+        max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
+        max_request_rows=args.max_request_rows, max_candidates=args.max_candidates,
+        max_request_work=args.max_request_work, max_batch_work=args.max_batch_work,
+        max_message_bytes=args.max_message_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs, reload_interval_s=args.reload_interval, device=args.device)
 
 

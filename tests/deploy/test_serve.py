@@ -261,12 +261,15 @@ def taken_port():
 @pytest.mark.parametrize("args, message", [
     (["serve", "RUN", "--port", "TAKEN"], "cannot listen on 127.0.0.1:TAKEN: Address already in use"),
     (["serve", "no/such/run"], "no checkpoint at no/such/run: give a run directory"),
-    (["serve", "RUN", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: give --token-file"),
+    (["serve", "RUN", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: give a token "
+                                            "(--token-file or $SOFTFLOW_SERVE_TOKEN) and TLS (--tls-cert and "
+                                            "--tls-key), or --insecure"),
     (["serve", "RUN", "--tls-cert", "RUN/config.yaml"], "give both --tls-cert and --tls-key, or neither"),
     (["serve", "RUN", "--tls-cert", "RUN/config.yaml", "--tls-key", "RUN/config.yaml"],
      "--tls-cert and --tls-key do not load as a PEM certificate and its private key"),
     (["serve", "RUN", "--token-file", "no/such/token"], "--token-file: must be an existing file (got 'no/such/token'"),
     (["serve", "RUN", "--max-batch-rows", "0"], "--max-batch-rows: must be an integer >= 1 (got '0')"),
+    (["serve", "RUN", "--max-request-work", "0"], "--max-request-work: must be an integer >= 1 (got '0')"),
     (["act", "--obs", "[1, 2"], "--obs is not a JSON list of numbers"),
     (["act", "--obs", "[[[1]]]"], "--obs must be one observation [..] or a batch [[..], ..] (got 3 levels)"),
 ])

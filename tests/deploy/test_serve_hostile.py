@@ -178,7 +178,8 @@ time.sleep(120)
 
 def test_clients_that_go_away_mid_call_leave_the_server_answering(run_dir):
     heavy = request(np.zeros((1024, OBS_DIM), np.float32), candidates=256)  # a quarter of a second each here
-    with PolicyServer(run_dir, ServeOptions(port=0, reload_interval_s=0)) as server:
+    options = ServeOptions(port=0, reload_interval_s=0, max_request_work=1024 * 256)
+    with PolicyServer(run_dir, options) as server:
         batcher = server.batcher
         # a client process killed while its 8 calls are queued and the first is being computed
         client = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, server.address, ACT_METHOD],

@@ -28,6 +28,7 @@ SERVICE_NAME = "softflow.v1.PolicyService"
 ACT_METHOD = f"/{SERVICE_NAME}/Act"
 INFO_METHOD = f"/{SERVICE_NAME}/Info"
 AUTH_HEADER = "authorization"
+TOKEN_ENV = "SOFTFLOW_SERVE_TOKEN"  # the bearer token, where no token file is given (server and client alike)
 TENSOR_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 
 
@@ -81,5 +82,5 @@ def message_to_dict(message: Message) -> dict:
 
 
 __all__ = ["ACT_METHOD", "AUTH_HEADER", "ActRequest", "ActResponse", "INFO_METHOD", "InfoRequest", "InfoResponse",
-           "PolicyServiceStub", "SERVICE_NAME", "Space", "TENSOR_DTYPES", "Tensor", "bearer", "from_tensor",
-           "message_to_dict", "read_token", "to_tensor"]
+           "PolicyServiceStub", "SERVICE_NAME", "Space", "TENSOR_DTYPES", "TOKEN_ENV", "Tensor", "bearer",
+           "from_tensor", "message_to_dict", "read_token", "to_tensor"]

@@ -53,14 +53,13 @@ class Space(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., low: _Optional[_Iterable[float]] = ..., high: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("env_id", "algorithm", "observation_space", "action_space", "checkpoint_version", "checkpoint_updates", "checkpoint_path", "default_candidates", "max_request_rows", "max_candidates", "max_message_bytes", "device", "max_batch_rows", "max_batch_wait_ms")
+    __slots__ = ("env_id", "algorithm", "observation_space", "action_space", "checkpoint_version", "checkpoint_updates", "default_candidates", "max_request_rows", "max_candidates", "max_message_bytes", "device", "max_batch_rows", "max_batch_wait_ms", "max_request_work", "max_batch_work")
     ENV_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     OBSERVATION_SPACE_FIELD_NUMBER: _ClassVar[int]
     ACTION_SPACE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_UPDATES_FIELD_NUMBER: _ClassVar[int]
-    CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -68,13 +67,14 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_WORK_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_WORK_FIELD_NUMBER: _ClassVar[int]
     env_id: str
     algorithm: str
     observation_space: Space
     action_space: Space
     checkpoint_version: int
     checkpoint_updates: int
-    checkpoint_path: str
     default_candidates: int
     max_request_rows: int
     max_candidates: int
@@ -82,4 +82,6 @@ class InfoResponse(_message.Message):
     device: str
     max_batch_rows: int
     max_batch_wait_ms: float
-    def __init__(self, env_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., observation_space: _Optional[_Union[Space, _Mapping]] = ..., action_space: _Optional[_Union[Space, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., checkpoint_updates: _Optional[int] = ..., checkpoint_path: _Optional[str] = ..., default_candidates: _Optional[int] = ..., max_request_rows: _Optional[int] = ..., max_candidates: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_wait_ms: _Optional[float] = ...) -> None: ...
+    max_request_work: int
+    max_batch_work: int
+    def __init__(self, env_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., observation_space: _Optional[_Union[Space, _Mapping]] = ..., action_space: _Optional[_Union[Space, _Mapping]] = ..., checkpoint_version: _Optional[int] = ..., checkpoint_updates: _Optional[int] = ..., default_candidates: _Optional[int] = ..., max_request_rows: _Optional[int] = ..., max_candidates: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_wait_ms: _Optional[float] = ..., max_request_work: _Optional[int] = ..., max_batch_work: _Optional[int] = ...) -> None: ...

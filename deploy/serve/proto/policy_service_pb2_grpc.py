@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class PolicyServiceStub:
     """Best-of-N actions of a trained softflow policy (deploy/serve/server.py); every call but health checks needs the
-    metadata 'authorization: Bearer <token>' when the server was started with --token-file.
+    metadata 'authorization: Bearer <token>' when the server was started with a token.
     """
 
     def __init__(self, channel):
@@ -50,7 +50,7 @@ class PolicyServiceStub:
 
 class PolicyServiceServicer:
     """Best-of-N actions of a trained softflow policy (deploy/serve/server.py); every call but health checks needs the
-    metadata 'authorization: Bearer <token>' when the server was started with --token-file.
+    metadata 'authorization: Bearer <token>' when the server was started with a token.
     """
 
     def Act(self, request, context):
@@ -90,7 +90,7 @@ def add_PolicyServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
     """Best-of-N actions of a trained softflow policy (deploy/serve/server.py); every call but health checks needs the
-    metadata 'authorization: Bearer <token>' when the server was started with --token-file.
+    metadata 'authorization: Bearer <token>' when the server was started with a token.
     """
 
     @staticmethod
