@@ -33,7 +33,9 @@ SHORT_RUN = ["total_env_steps=400", "log_every_steps=100", "learner.learning_sta
              "actors.num_cpus=0.5", "learner.num_cpus=0.5", "replay.updates_per_step=0.25",
              "actors.resources={rollout: 1}", "learner.resources={learner: 1}", "wandb.mode=offline"]
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
+WORKER_ATTEMPTS = 3
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.ray]
 
 
 def free_port() -> int:
@@ -73,14 +75,22 @@ def cluster(tmp_path_factory):
         env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT)
     processes = [head]
     try:
-        wait_for(lambda: port_open(dashboard_port), 90, "the head's dashboard", head_log)
-        worker = subprocess.Popen(
-            [str(RAY), "start", f"--address={get_node_ip_address()}:{gcs_port}", "--resources={\"rollout\": 2}",
-             *agent_ports(), *common],
-            env=env, stdout=worker_log.open("w"), stderr=subprocess.STDOUT)
-        processes.append(worker)
         address = f"http://127.0.0.1:{dashboard_port}"
-        wait_for(lambda: len(alive_nodes(address, env)) == 2, 90, "the worker node to join", worker_log)
+        wait_for(lambda: port_open(dashboard_port), 180, "the head's dashboard", head_log)
+        wait_for(lambda: len(alive_nodes(address, env)) == 1, 180, "the head's GCS to list the head", head_log)
+        worker_command = [str(RAY), "start", f"--address={get_node_ip_address()}:{gcs_port}",
+                          "--resources={\"rollout\": 2}", *agent_ports(), *common]
+        for _ in range(WORKER_ATTEMPTS):
+            # Under load (CI beside other jobs) a worker can give up on the GCS before it answers and exit: it is
+            # started again, up to WORKER_ATTEMPTS times, rather than failing the job tests for a slow start.
+            worker = subprocess.Popen(worker_command, env=env, stdout=worker_log.open("a"), stderr=subprocess.STDOUT)
+            processes.append(worker)
+            wait_for(lambda: worker.poll() is not None or len(alive_nodes(address, env)) == 2, 180,
+                     "the worker node to join", worker_log)
+            if worker.poll() is None:
+                break
+        else:
+            raise RuntimeError(f"the worker node exited {WORKER_ATTEMPTS} times\n{worker_log.read_text()[-3000:]}")
         yield address, env
     finally:
         stop(processes)
