@@ -24,7 +24,7 @@ from softflow.deploy.config import ExperimentConfig, load_experiment
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_FILES = sorted((CLUSTER / "ray").glob("*.yaml"))
-KUBERAY_FILES = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+KUBERAY_FILES = sorted(p for p in (CLUSTER / "kuberay").glob("*.yaml") if p.name != "networkpolicy.yaml")
 EXPERIMENTS = sorted((CLUSTER / "experiments").rglob("*.yaml"))
 ALL_CLUSTER_FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file())
 RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard and job API, Ray client
