@@ -17,7 +17,7 @@ SUBMITTER = {"softflow.io/ray-submitter": "true"}
 OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}
 SOFTFLOW = {"app.kubernetes.io/name": "softflow"}
 RAY_API_PORTS = {8265, 10001}  # dashboard and job API, Ray client
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def _policies(doc: dict) -> list[dict]:
