@@ -16,6 +16,7 @@ that needs candidates (ISFM's importance weights) costs one solve per update, no
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -230,6 +231,11 @@ class SoftActorCritic(Algorithm):
         self.policy_optimizer.load_state_dict(state["policy_optimizer"])
         if self.temperature.optimizer is not None:
             self.temperature.optimizer.load_state_dict(state["alpha_optimizer"])
+            for group in self.temperature.optimizer.param_groups:  # the config's rate (a PBT restore may change it)
+                group["lr"] = self.config.alpha_lr
+        else:  # a fixed alpha is the config's (the same on resume; a PBT restore may change it)
+            with torch.no_grad():
+                self.temperature.log_alpha.fill_(math.log(self.config.alpha))
         self.num_updates = state["num_updates"]
 
     def policy_weights(self) -> dict[str, Any]:

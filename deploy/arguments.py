@@ -120,6 +120,14 @@ def directory(text: str) -> str:
     return text
 
 
+def existing_directory(text: str) -> str:
+    """A path to an existing directory."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"must be an existing directory (got {text!r}: "
+                                         f"{'a file' if Path(text).is_file() else 'no such directory'})")
+    return text
+
+
 def address(text: str) -> str:
     """host:port with a port in [1, 65535]."""
     host, _, port = text.rpartition(":")
@@ -139,7 +147,7 @@ def env_id(text: str) -> str:
     return text
 
 
-for _parse in (existing_file, new_file, directory, address, env_id):
+for _parse in (existing_file, existing_directory, new_file, directory, address, env_id):
     _checked(_parse, _parse.__name__.replace("_", " "))
 
 port = integer(ge=0, le=65535)

@@ -12,6 +12,7 @@
     softflow bench act [--candidates N] [--repeats N] [--quick]
     softflow bench gradients [--env ENV] [--env-steps N] [--batch-size B] [--plot PNG]
     softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
+    softflow sweep --resume SWEEP_DIR [--address ADDR]
     softflow serve RUN_DIR_OR_CHECKPOINT [--port P] [--host H] [--token-file F] [--tls-cert C --tls-key K]
                    [--insecure] [--max-request-work N] [...]
     softflow act [--address HOST:PORT] [--obs JSON] [--candidates N] [--deterministic] [--seed S] [--token-file F]
@@ -149,7 +150,14 @@ def _act(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from softflow.deploy.sweep.tune import run_sweep
 
-    run_sweep(args.sweep, args.overrides, sweep_dir=args.sweep_dir, address=args.address)
+    if args.resume is None and args.sweep is None:
+        raise ConfigError("give a sweep file (e.g. cluster/sweeps/seeds.yaml) or --resume SWEEP_DIR")
+    if args.resume is not None and args.sweep is not None:
+        raise ConfigError(f"--resume {args.resume}: give the sweep directory alone (it holds its sweep.yaml), not "
+                          f"also {args.sweep}")
+    if args.resume is not None and args.sweep_dir is not None:
+        raise ConfigError("--resume continues the sweep in its own directory; leave --sweep-dir out")
+    run_sweep(args.sweep, args.overrides, sweep_dir=args.sweep_dir, address=args.address, resume=args.resume)
     return 0
 
 
@@ -195,13 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=_bench)
 
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of an experiment (cluster/sweeps/)")
-    sweep.add_argument("sweep", help="sweep YAML, e.g. cluster/sweeps/actor-scaling.yaml")
+    sweep.add_argument("sweep", nargs="?", help="sweep YAML, e.g. cluster/sweeps/actor-scaling.yaml")
     sweep.add_argument("overrides", nargs="*",
                        help="key=value: 'space.KEY={grid: [..]}' sets a key's search space, a sweep field "
                             "(num_samples=4) sets it, anything else overrides the experiment of every trial")
     sweep.add_argument("--sweep-dir", type=checked.directory, help="sweep directory (default runs/<name>-<time>)")
     sweep.add_argument("--address", help="Ray cluster to join ('auto' or host:port; RAY_ADDRESS works too); "
                                          "default: start Ray on this machine")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", type=checked.existing_directory,
+                       help="finish an interrupted sweep: its unfinished and failed trials continue from their last "
+                            "checkpoint, finished ones are kept")
     sweep.set_defaults(func=_sweep)
 
     from softflow.deploy.serve.client import add_act_arguments

@@ -50,26 +50,29 @@ CONNECT_TIMEOUT_S = 3.0
 
 
 def train(config: ExperimentConfig, run_dir: Path, progress: bool = True, address: str | None = None,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool = False, on_report: Report | None = None, resumable: tuple[str, ...] = ()) -> dict[str, Any]:
     """Trains ``config``, writes the run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json,
     learning_curve.png, W&B files, and the task reports of reports.py: lqr.json, multigoal.json and .png) and
     returns the summary. A fresh run refuses a directory that already holds one (:func:`check_fresh_run_dir`); a
     resumed one refuses a config that changes more than resumes.py allows, before anything is touched, and records
-    what it changed in ``resumes.jsonl``."""
-    changed = resumes.changes(run_dir, config) if resume else None
+    what it changed in ``resumes.jsonl`` (``resumable``: keys it may change besides resumes.py's, for a sweep's
+    PBT). ``on_report(env_steps, metrics)``, when given, gets each metrics record after metrics.jsonl (a sweep's
+    trial reports it to Tune)."""
+    changed = resumes.changes(run_dir, config, resumable) if resume else None
     if not resume:
         check_fresh_run_dir(run_dir)
     if config.actors.count > 0:
         with ray_connection(address):
-            return _train(config, run_dir, progress, changed)
+            return _train(config, run_dir, progress, changed, on_report)
     try:
         learner_device(config.learner.num_gpus)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return _train(config, run_dir, progress, changed)
+    return _train(config, run_dir, progress, changed, on_report)
 
 
-def _train(config: ExperimentConfig, run_dir: Path, progress: bool, changed: dict | None) -> dict[str, Any]:
+def _train(config: ExperimentConfig, run_dir: Path, progress: bool, changed: dict | None,
+           on_report: Report | None = None) -> dict[str, Any]:
     """The run directory, metrics and display around the training loop (``changed``: None for a fresh run, the
     settings a resume changes otherwise)."""
     resume = changed is not None
@@ -81,6 +84,8 @@ def _train(config: ExperimentConfig, run_dir: Path, progress: bool, changed: dic
         def report(env_steps: int, metrics: dict[str, float]) -> None:
             logger.log(env_steps, metrics)
             display.update(env_steps, metrics)
+            if on_report is not None:
+                on_report(env_steps, metrics)
 
         try:
             with stop_on_signals() as stop:

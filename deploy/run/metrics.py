@@ -56,6 +56,8 @@ WANDB_API_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 ONLINE_INIT_TIMEOUT_S = 30.0
 # Series drawn in learning_curve.png, with their legend labels.
 CURVE_SERIES = {"train/episode_return": "training episodes", "eval/episode_return": "evaluation episodes"}
+# Metrics whose W&B summary is their maximum over the run (the final value is in ``<name>_final``).
+MAX_SUMMARY = ("eval/episode_return",)
 # Legacy values of the WANDB_MODE environment variable and what they mean today.
 _WANDB_MODE_ALIASES = {"online": "online", "offline": "offline", "disabled": "disabled",
                        "run": "online", "dryrun": "offline"}
@@ -282,6 +284,8 @@ class MetricsLogger:
         )
         run.define_metric("env_steps")
         run.define_metric("*", step_metric="env_steps")
+        for name in MAX_SUMMARY:
+            run.define_metric(name, step_metric="env_steps", summary="max")
         return run
 
     def _describe(self, fallback_reason: str | None) -> tuple[list[str], str]:
@@ -328,7 +332,8 @@ class MetricsLogger:
         curve_path = plot_learning_curve(records, self.run_dir / LEARNING_CURVE_FILE,
                                          f"{self.run_name}: episode return")
         if self._run is not None:
-            self._run.summary.update(json.loads(summary_path.read_text()))
+            final = json.loads(summary_path.read_text())
+            self._run.summary.update({f"{k}_final" if k in MAX_SUMMARY else k: v for k, v in final.items()})
             self._run.finish()
             self._run = None
         return {"summary": summary_path, "learning_curve": curve_path}

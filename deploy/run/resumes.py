@@ -59,9 +59,10 @@ def check_overrides(run_dir: Path, overrides: list[str]) -> None:
                 raise _refused(run_dir, key)
 
 
-def changes(run_dir: Path, config: ExperimentConfig) -> dict[str, list]:
+def changes(run_dir: Path, config: ExperimentConfig, also: tuple[str, ...] = ()) -> dict[str, list]:
     """The settings ``config`` changes against the run's ``config.yaml``, as ``{key: [from, to]}``; ConfigError
-    (one line) when one of them must not change. A directory without config.yaml has nothing to compare."""
+    (one line) when one of them must not change (``also``: keys allowed besides :data:`RESUMABLE`, e.g. the ones a
+    sweep's PBT perturbs). A directory without config.yaml has nothing to compare."""
     if not (run_dir / "config.yaml").is_file():
         return {}
     before = _leaves(load_experiment(run_dir / "config.yaml").model_dump(mode="json"))
@@ -69,7 +70,7 @@ def changes(run_dir: Path, config: ExperimentConfig) -> dict[str, list]:
     changed = {key: [before.get(key), after.get(key)] for key in sorted(before.keys() | after.keys())
                if before.get(key) != after.get(key)}
     for key in changed:
-        if not allowed(key):
+        if not allowed(key) and not any(key == name or key.startswith(f"{name}.") for name in also):
             raise _refused(run_dir, key)
     return changed
 

@@ -61,14 +61,16 @@ def scaling_efficiency(rows: list[dict[str, Any]]) -> dict[int, float]:
 
 
 def collect_results(results: Any, keys: list[str]) -> list[dict[str, Any]]:
-    """One row per trial from Tune's ResultGrid: the trial, its swept values, status and every metric reported."""
+    """One row per trial from Tune's ResultGrid: the trial, its swept values, status (ok, error, or stopped: ended
+    early by the scheduler) and every metric of its last report."""
     rows = []
     for result in results:
         metrics = {k: v for k, v in (result.metrics or {}).items() if k not in _TUNE_KEYS}
         name = metrics.pop("trial", None) or Path(result.path).name
         error = None if result.error is None else (str(result.error).strip().splitlines() or ["error"])[-1]
+        status = "error" if error else "ok" if "wall_s" in metrics else "stopped"  # the last report has wall_s
         rows.append({"trial": name, **{k: result.config.get(k) for k in keys},
-                     "status": "error" if error else "ok", "error": error, **metrics})
+                     "status": status, "error": error, **metrics})
     return sorted(rows, key=lambda row: row["trial"])
 
 
@@ -176,7 +178,7 @@ def report(rows: list[dict[str, Any]], sweep: SweepConfig, keys: list[str], swee
     elif rows:
         print(f"no trial reported {sweep.metric}")
     print(f"results: {sweep_dir / 'results.csv'}, {sweep_dir / 'results.json'}" + (f", {plot}" if plot else ""))
-    failed = [row for row in rows if row["status"] != "ok"]
+    failed = [row for row in rows if row["status"] == "error"]
     if failed:
         raise RunStopped(f"{len(failed)} of {len(rows)} trials failed (first: {failed[0]['trial']}: "
                          f"{failed[0]['error']}); results of the others are in {sweep_dir}")

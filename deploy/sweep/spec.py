@@ -44,64 +44,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from softflow.deploy.config import ConfigError, ExperimentConfig, parse_experiment, read_yaml
+from softflow.deploy.sweep.distributions import Distribution
+from softflow.deploy.sweep.schedulers import PBT_KEYS, SchedulerConfig
 
 THROUGHPUT = "actors/env_steps_per_s"
 SCALING = "scaling_efficiency"
 METRIC_PREFIXES = ("train/", "eval/", "losses/", "learner/", "actors/", "replay/", "weights/", "lqr/",
                     "multigoal/")
 SUMMARY_METRICS = ("env_steps", "updates", "wall_s")
-
-
-class Distribution(BaseModel):
-    """The search space of one key: exactly one of ``grid``, ``choice``, ``uniform`` or ``loguniform``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    grid: list[Any] | None = Field(None, min_length=1, description="every value, one trial each (tune.grid_search)")
-    choice: list[Any] | None = Field(None, min_length=1, description="one value drawn per sample (tune.choice)")
-    uniform: tuple[FiniteFloat, FiniteFloat] | None = Field(None, description="[low, high], drawn uniformly "
-                                                                               "(tune.uniform)")
-    loguniform: tuple[FiniteFloat, FiniteFloat] | None = Field(None, description="[low, high] > 0, uniform in log "
-                                                                                  "space")
-
-    @model_validator(mode="after")
-    def _one_distribution(self) -> Distribution:
-        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform "
-                             f"(got {', '.join(given) or 'none'})")
-        for name in ("uniform", "loguniform"):
-            bounds = getattr(self, name)
-            if bounds is not None and not bounds[0] < bounds[1]:
-                raise ValueError(f"{name}: [low, high] needs low < high (got {list(bounds)})")
-        if self.loguniform is not None and self.loguniform[0] <= 0:
-            raise ValueError(f"loguniform: low must be > 0 (got {self.loguniform[0]:g})")
-        return self
-
-    def domain(self) -> Any:
-        """The Tune search-space object."""
-        from ray import tune
-
-        if self.grid is not None:
-            return tune.grid_search(list(self.grid))
-        if self.choice is not None:
-            return tune.choice(list(self.choice))
-        if self.uniform is not None:
-            return tune.uniform(*self.uniform)
-        return tune.loguniform(*self.loguniform)
-
-    def probes(self) -> list[Any]:
-        """The values checked against the experiment before the sweep: every listed value, both ends of a range."""
-        return list(self.grid or self.choice or self.uniform or self.loguniform)
+EXPERIMENT_KEY = "experiment"  # the trial config's key naming its experiment, when the sweep has several
 
 
 class SweepConfig(BaseModel):
     """A sweep file (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    experiment: str = Field(description="the experiment YAML, relative to the sweep file or the working directory")
+    experiment: str | list[str] = Field(description="the experiment YAML (relative to the sweep file or the working "
+                                                    "directory), or a list of them crossed with the space")
     name: str | None = Field(None, description="default: the sweep file's stem")
     metric: str = Field(THROUGHPUT, description="the reported metric that ranks the trials and is plotted")
     mode: Literal["max", "min"] = "max"
@@ -109,6 +71,9 @@ class SweepConfig(BaseModel):
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster holds")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted experiment keys for every trial")
     space: dict[str, Distribution] = Field(min_length=1, description="dotted experiment key -> distribution")
+    scheduler: SchedulerConfig = Field(SchedulerConfig(), description="fifo (default), asha or pbt")
+    max_failures: int = Field(0, ge=-1, description="retries of a failed trial from its last checkpoint (-1: "
+                                                    "without end)")
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -116,6 +81,18 @@ class SweepConfig(BaseModel):
             raise ValueError(f"metric '{self.metric}' is not a softflow metric; use one of "
                              f"{', '.join(SUMMARY_METRICS)} or a namespaced one ({', '.join(METRIC_PREFIXES)}), "
                              f"e.g. {THROUGHPUT}")
+        if isinstance(self.experiment, list):
+            stems = [Path(e).stem for e in self.experiment]
+            if not stems or len(set(stems)) != len(stems):
+                raise ValueError("experiment: a list needs at least one file and distinct file names")
+            if EXPERIMENT_KEY in self.space:
+                raise ValueError(f"space: '{EXPERIMENT_KEY}' is the list of experiment files, not a key to sweep")
+        if self.scheduler.name == "pbt":
+            pinned = [k for k in self.space if k not in (*PBT_KEYS, "seed")]
+            if pinned or isinstance(self.experiment, list):
+                raise ValueError(f"scheduler pbt restores one trial's checkpoint into another, so the space may "
+                                 f"only hold seed and {', '.join(PBT_KEYS)}, and the experiment must be one file "
+                                 f"(got {', '.join(pinned) or 'a list of experiments'})")
         both = sorted(set(self.space) & set(self.overrides))
         if both:
             raise ValueError(f"{', '.join(both)} is both swept (space) and fixed (overrides); keep one")
@@ -128,7 +105,9 @@ def _format_errors(error: ValidationError, path: Path) -> str:
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and item["loc"][0] == "scheduler" and len(item["loc"]) == 2:
+            message = f"unknown key (a scheduler takes {', '.join(SchedulerConfig.model_fields)})"
+        elif item["type"] == "extra_forbidden":
             message = (f"unknown key (a sweep file takes {fields})" if len(item["loc"]) == 1 else
                        "unknown key (a distribution is one of grid, choice, uniform, loguniform)")
         elif item["type"] == "missing":
@@ -158,8 +137,8 @@ def _mapping(tree: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, Path]:
-    """Reads a sweep file and the command line's ``key=value`` (module docstring); returns the validated sweep and
-    the experiment file it names."""
+    """Reads a sweep file and the command line's ``key=value`` (module docstring); returns the validated sweep (its
+    experiment paths resolved) and the (first) experiment file it names."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file '{path}' not found (give the path to a YAML file, "
@@ -190,13 +169,29 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
         sweep = SweepConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, path)) from None
-    experiment = path.parent / sweep.experiment
-    if not experiment.is_file() and Path(sweep.experiment).is_file():
-        experiment = Path(sweep.experiment)
+    files = [_experiment_file(path, name) for name in
+             (sweep.experiment if isinstance(sweep.experiment, list) else [sweep.experiment])]
+    resolved = [str(f.resolve()) for f in files]
+    sweep = sweep.model_copy(update={"name": sweep.name or path.stem,
+                                     "experiment": resolved if isinstance(sweep.experiment, list) else resolved[0]})
+    return sweep, files[0]
+
+
+def _experiment_file(path: Path, name: str) -> Path:
+    experiment = path.parent / name
+    if not experiment.is_file() and Path(name).is_file():
+        experiment = Path(name)
     if not experiment.is_file():
-        raise ConfigError(f"sweep file {path}: experiment '{sweep.experiment}' not found (relative to "
+        raise ConfigError(f"sweep file {path}: experiment '{name}' not found (relative to "
                           f"{path.parent} or the working directory)")
-    return sweep.model_copy(update={"name": sweep.name or path.stem}), experiment
+    return experiment
+
+
+def experiments(sweep: SweepConfig) -> dict[str, Path]:
+    """The experiment files of a loaded sweep by label (the file's stem; the value of ``experiment`` in a trial's
+    config when there are several)."""
+    names = sweep.experiment if isinstance(sweep.experiment, list) else [sweep.experiment]
+    return {Path(name).stem: Path(name) for name in names}
 
 
 def base_tree(sweep: SweepConfig, experiment: Path) -> dict[str, Any]:
@@ -229,6 +224,12 @@ def check_space(sweep: SweepConfig, base: dict[str, Any]) -> tuple[list[Experime
                 trial_experiment(base, {key: value})
             except ConfigError as exc:
                 raise ConfigError(f"space {key}={short_value(value)}: {exc}") from None
+    for key, dist in (sweep.scheduler.hyperparam_mutations or {}).items():
+        for value in dist.probes():
+            try:
+                trial_experiment(base, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"scheduler.hyperparam_mutations {key}={short_value(value)}: {exc}") from None
     first = {key: dist.probes()[0] for key, dist in sweep.space.items()}
     probed = [first] + [{**first, k: v} for k, d in sweep.space.items() for v in d.probes()[1:]]
     checked = []
