@@ -184,12 +184,7 @@ def runtime_env_key_advice(text: str) -> list[str]:
             and not re.search(r"(?i)never|not into|instead of", p)]
 
 
-DOC_PARAMS = [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="docs/runtime.md still says 'WANDB_API_KEY "
-                                                      "in the job's runtime_env'; left to the change that owns it"))
-              if p.name == "runtime.md" else p for p in DOCS]
-
-
-@pytest.mark.parametrize("path", DOC_PARAMS, ids=[p.name for p in DOCS])
+@pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
 def test_no_doc_suggests_a_key_in_runtime_env(path):
     assert runtime_env_key_advice(path.read_text()) == []
 
