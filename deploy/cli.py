@@ -13,6 +13,7 @@
     softflow bench gradients [--env ENV] [--env-steps N] [--batch-size B] [--plot PNG]
     softflow sweep SWEEP.yaml [key=value ...] [--sweep-dir DIR] [--address ADDR]
     softflow sweep --resume SWEEP_DIR [--address ADDR]
+    softflow report RUN_OR_SWEEP_DIR... [--out DIR] [--reps N] [--seed S]
     softflow serve RUN_DIR_OR_CHECKPOINT [--port P] [--host H] [--token-file F] [--tls-cert C --tls-key K]
                    [--insecure] [--max-request-work N] [...]
     softflow act [--address HOST:PORT] [--obs JSON] [--candidates N] [--deterministic] [--seed S] [--token-file F]
@@ -161,6 +162,21 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from softflow.deploy.sweep.compare import report
+
+    if args.out:
+        out = Path(args.out)
+    elif len(args.paths) == 1 and Path(args.paths[0]).is_dir():
+        out = Path(args.paths[0]) / "report"
+    else:
+        out = Path("runs") / f"report-{datetime.now():%Y%m%d-%H%M%S}"
+    report(args.paths, out, reps=args.reps, seed=args.seed)
+    return 0
+
+
 # The types of the serve and act flags (declared in deploy/serve/), by dest.
 SERVE_FLAGS = {"port": checked.port, "token_file": checked.existing_file, "tls_cert": checked.existing_file,
                "tls_key": checked.existing_file, "max_batch_rows": checked.count,
@@ -214,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="finish an interrupted sweep: its unfinished and failed trials continue from their last "
                             "checkpoint, finished ones are kept")
     sweep.set_defaults(func=_sweep)
+
+    compare = commands.add_parser("report", help="compare runs by (algorithm, task): IQM with 95%% CIs, curves, "
+                                                 "performance profile (report.md, report.csv, PNGs)")
+    compare.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories or directories of runs")
+    compare.add_argument("--out", type=checked.directory,
+                         help="output directory (default: PATH/report for one directory, else runs/report-<time>)")
+    compare.add_argument("--reps", type=checked.integer(ge=100), default=2000, help="bootstrap resamples")
+    compare.add_argument("--seed", type=checked.seed, default=0, help="bootstrap seed")
+    compare.set_defaults(func=_report)
 
     from softflow.deploy.serve.client import add_act_arguments
     from softflow.deploy.serve.server import add_serve_arguments
