@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("report", help="compare runs by (algorithm, task): IQM with 95%% CIs, curves, "
                                                  "performance profile (report.md, report.csv, PNGs)")
-    compare.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories or directories of runs")
+    compare.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", type=checked.existing_directory,
+                         help="run directories or directories of runs")
     compare.add_argument("--out", type=checked.directory,
                          help="output directory (default: PATH/report for one directory, else runs/report-<time>)")
     compare.add_argument("--reps", type=checked.integer(ge=100), default=2000, help="bootstrap resamples")

@@ -110,7 +110,8 @@ def test_report_bad_input_is_one_line_and_exit_code_2(runs, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.yaml").write_text(yaml.safe_dump({"algorithm": {"name": "sac"}, "env": HOPPER}))
-    for args, expected in (([str(tmp_path / "nope")], f"{tmp_path / 'nope'}: no such file or directory"),
+    nope = tmp_path / "nope"
+    for args, expected in (([str(nope)], f"RUN_OR_SWEEP_DIR: must be an existing directory (got '{nope}'"),
                            ([str(empty)], f"{empty}: no runs found"),
                            ([str(sweep), str(bare)], f"{bare}: a run without metrics"),
                            ([str(sweep), "--reps", "5"], "--reps: must be an integer >= 100")):
