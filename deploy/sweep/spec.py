@@ -15,6 +15,10 @@ A sweep file names an experiment, fixed overrides for every trial, and a search 
       seed: {choice: [0, 1, 2]}
       algorithm.q_lr: {loguniform: [1.0e-4, 1.0e-2]}
       algorithm.tau: {uniform: [0.001, 0.01]}
+    scheduler: {name: asha, grace_period: 20000}  # fifo (default) | asha | pbt: schedulers.py has the fields
+    max_failures: 0                # retries of a failed trial from its last checkpoint (-1: without end)
+
+``experiment`` may also be a list of files, crossed with the space (the trial's ``experiment``: the file's stem).
 
 On the command line, ``space.KEY=SPEC`` sets the search space of KEY (``'space.actors.count={grid: [1, 2]}'``), a
 field of the sweep file sets that field (``num_samples=4``, ``name=...``; ``'space={seed: {grid: [0, 1]}}'`` replaces
@@ -29,8 +33,9 @@ override, and each trial's resources against the Ray cluster. A bad input is one
 Each trial is one :func:`softflow.deploy.run.driver.train` run in ``<sweep dir>/<trial>/`` (the usual run directory,
 on the node the trial ran on) inside a placement group that reserves its whole topology: the trial's driver, the
 learner's bundle and one bundle per rollout actor. Its W&B run is in the group named after the sweep directory, so
-the trials of one sweep are shown together. It reports to Tune the run's summary (final evaluation, env steps,
-updates), its metrics.jsonl condensed (see :func:`condense_metrics`) and ``wall_s``. At the end the sweep directory
+the trials of one sweep are shown together. It reports to Tune at every log interval (trial.py), then the run's
+summary (final evaluation, env steps, updates), its metrics.jsonl condensed (see :func:`condense_metrics`) and
+``wall_s``. At the end the sweep directory
 holds ``results.csv``, ``results.json`` and ``sweep.png`` (the metric, and the final evaluation return, against the
 first key of the space), and a table is printed; with ``actors.count`` in the space, also the scaling efficiency:
 env steps/s with n actors over n x env steps/s with one (or with the fewest actors swept). """
