@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from softflow.actors.rollout import flatten_obs
+from softflow.actors.rollout import check_finite, flatten_obs
 from softflow.algorithms.base import Algorithm
 
 # Final-info keys averaged over episodes when the env reports them (FrankaKitchen, see TaskCompletionInfo), and
@@ -28,13 +28,19 @@ def episode_info_means(final_infos: list[dict[str, Any]], prefix: str) -> dict[s
 def _run_episode(env: gymnasium.Env, act_fn: Callable[[np.ndarray, bool], np.ndarray],
                  seed: int) -> tuple[float, int, dict[str, Any]]:
     """One deterministic episode: its return, its length and its final info."""
-    obs, info = env.reset(seed=seed)
+    with np.errstate(all="ignore"):
+        obs, info = env.reset(seed=seed)
+        flat = flatten_obs(env.observation_space, obs)
+    check_finite(env, flat, 0.0, "at an evaluation reset")
     total, length, done = 0.0, 0, False
     while not done:
-        action = act_fn(flatten_obs(env.observation_space, obs)[None], False)[0]
+        action = act_fn(flat[None], False)[0]
         if np.all(np.isfinite(env.action_space.low)):
             action = np.clip(action, env.action_space.low, env.action_space.high)
-        obs, reward, terminated, truncated, info = env.step(action)
+        with np.errstate(all="ignore"):
+            obs, reward, terminated, truncated, info = env.step(action)
+            flat = flatten_obs(env.observation_space, obs)
+        check_finite(env, flat, float(reward), f"at step {length + 1} of an evaluation episode")
         total, length, done = total + float(reward), length + 1, terminated or truncated
     return total, length, info
 

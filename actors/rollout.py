@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,30 @@ def flatten_obs(space: spaces.Space, obs: Any) -> np.ndarray:
     if isinstance(space, spaces.Box):
         return np.asarray(obs, dtype=np.float32).reshape(-1)
     return np.asarray(spaces.flatten(space, obs), dtype=np.float32)
+
+
+class EnvError(RuntimeError):
+    """An environment that could not be built, raised, or returned a non-finite observation or reward; the message
+    is one line naming the env."""
+
+
+def env_name(env: gymnasium.Env) -> str:
+    """The gymnasium id of ``env``, or its class name for one made without ``gymnasium.make`` (the LQR)."""
+    spec = getattr(env, "spec", None)
+    return spec.id if spec is not None else type(env.unwrapped).__name__.removesuffix("Env") or "env"
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def check_finite(env: gymnasium.Env, obs: np.ndarray, reward: float, where: str) -> None:
+    """Raises :class:`EnvError` when ``obs`` or ``reward`` is NaN or infinite (``where``: at which step)."""
+    what = "observation" if not np.isfinite(obs).all() else "reward" if not math.isfinite(reward) else None
+    if what is not None:
+        raise EnvError(f"env {env_name(env)} returned a non-finite {what} {where} (unstable physics?)")
 
 
 def _flat_box(space: spaces.Space) -> spaces.Box:
@@ -38,7 +63,10 @@ class RolloutWorker:
 
     Episodes continue across :meth:`run` calls.  The action stored in a
     fragment is the one actually executed, i.e. the policy output clipped to
-    the action space bounds (infinite bounds leave it unchanged).
+    the action space bounds (infinite bounds leave it unchanged). An env that
+    raises, or returns a NaN or infinite observation or reward, raises
+    :class:`EnvError` naming the env and the step: the run stops rather than
+    train on it.
 
     Attributes:
         observation_space: flat float32 ``Box`` of env 0's observations.
@@ -62,7 +90,10 @@ class RolloutWorker:
         dimension's half-range (of 1 where the space is unbounded); 0 adds none."""
         if num_envs <= 0:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
-        self.envs: list[gymnasium.Env] = [env_fn(i) for i in range(num_envs)]
+        try:
+            self.envs: list[gymnasium.Env] = [env_fn(i) for i in range(num_envs)]
+        except Exception as exc:
+            raise EnvError(f"the env could not be built ({first_line(exc)})") from exc
         self.num_envs = num_envs
         self.act_fn = act_fn
         self.seed = seed
@@ -85,10 +116,20 @@ class RolloutWorker:
         self._obs = np.zeros((num_envs, self.obs_dim), dtype=np.float32)
         for i, env in enumerate(self.envs):
             env.action_space.seed(seed + i)
-            obs, _ = env.reset(seed=seed + i)
-            self._obs[i] = flatten_obs(env.observation_space, obs)
+            with np.errstate(all="ignore"):
+                obs, _ = self._call(env, env.reset, "its first reset", seed=seed + i)
+                self._obs[i] = flatten_obs(env.observation_space, obs)
+            check_finite(env, self._obs[i], 0.0, "at its first reset")
         self._returns = np.zeros(num_envs, dtype=np.float64)
         self._lengths = np.zeros(num_envs, dtype=np.int64)
+
+    @staticmethod
+    def _call(env: gymnasium.Env, method: Callable, where: str, *args: Any, **kwargs: Any) -> Any:
+        """``method(*args, **kwargs)`` of ``env``, an exception in it turned into one :class:`EnvError` line."""
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            raise EnvError(f"env {env_name(env)} raised {first_line(exc)} in {where}") from exc
 
     def _actions(self, random_actions: bool, explore: bool) -> np.ndarray:
         """One (num_envs, act_dim) float32 batch of actions, clipped to the bounds."""
@@ -132,9 +173,12 @@ class RolloutWorker:
             actions[t] = action
             for i, env in enumerate(self.envs):
                 step_action = action[i].reshape(self.action_space.shape)
-                o, r, term, trunc, info = env.step(step_action)
-                flat = flatten_obs(env.observation_space, o)
-                rewards[t, i] = r
+                where = f"step {self._lengths[i] + 1} of an episode"
+                with np.errstate(all="ignore"):  # non-finite values are caught below, with the env named
+                    o, r, term, trunc, info = self._call(env, env.step, where, step_action)
+                    flat = flatten_obs(env.observation_space, o)
+                    rewards[t, i] = r
+                check_finite(env, flat, float(rewards[t, i]), f"at {where}")
                 next_obs[t, i] = flat
                 terminated[t, i] = float(term)
                 truncated[t, i] = float(trunc)
@@ -146,8 +190,10 @@ class RolloutWorker:
                     episode_infos.append(dict(info))
                     self._returns[i] = 0.0
                     self._lengths[i] = 0
-                    o, _ = env.reset()
-                    flat = flatten_obs(env.observation_space, o)
+                    with np.errstate(all="ignore"):
+                        o, _ = self._call(env, env.reset, "a reset")
+                        flat = flatten_obs(env.observation_space, o)
+                    check_finite(env, flat, 0.0, "at a reset")
                 self._obs[i] = flat
 
         self.env_steps += n * e

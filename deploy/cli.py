@@ -40,6 +40,7 @@ def _train(args: argparse.Namespace) -> int:
     from softflow.deploy.config import load_experiment
     from softflow.deploy.run import resumes
     from softflow.deploy.run.driver import check_fresh_run_dir, default_run_dir, train
+    from softflow.deploy.run.failures import check_env
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -56,6 +57,7 @@ def _train(args: argparse.Namespace) -> int:
         config = load_experiment(args.experiment, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
         check_fresh_run_dir(run_dir)
+        check_env(config)
     verb = "resuming" if args.resume else "training"
     print(f"softflow: {verb} '{config.name}' ({config.algorithm.name} on {config.env.id}); run directory {run_dir}")
     summary = train(config, run_dir, progress=not args.no_progress, address=args.address, resume=bool(args.resume))

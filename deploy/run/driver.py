@@ -20,8 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from softflow.actors.rollout import EnvError
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, dump_config
 from softflow.deploy.run import resumes
+from softflow.deploy.run.failures import check_writable, env_stopped, settle, write_failure, write_stopped
 from softflow.deploy.run.metrics import MetricsLogger
 from softflow.deploy.run.progress import TrainingProgress, print_summary
 from softflow.learner.learner import TrainingDiverged, learner_device
@@ -33,11 +35,13 @@ def default_run_dir(config: ExperimentConfig) -> Path:
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
-    """A fresh run needs a directory that holds no run: one line (ConfigError) instead of touching an old run's
-    files, naming ``--resume`` and a free directory."""
+    """A fresh run needs a directory that holds no run and can be written: one line (ConfigError) instead of
+    touching an old run's files, naming ``--resume`` and a free directory, or the file or unwritable parent in the
+    way."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir} is a file, not a directory; give a new directory, e.g. "
                           f"runs/{run_dir.stem}-run")
+    check_writable(run_dir, "the run directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         free = next(run_dir.with_name(f"{run_dir.name}-{i}") for i in range(2, 10_000)
                     if not run_dir.with_name(f"{run_dir.name}-{i}").exists())
@@ -109,11 +113,21 @@ def run_loop(config: ExperimentConfig, run_dir: Path, report: Report, resume: bo
     is recorded (resumes.py) once its checkpoint is loaded."""
     from softflow.deploy.run.runtime import Runtime
 
-    runtime = Runtime(config, run_dir, resume=resume)
+    try:
+        runtime = Runtime(config, run_dir, resume=resume)
+    except EnvError as exc:  # serial mode: the env is built in this process
+        raise env_stopped(exc, run_dir, 0) from None
     try:
         if resume:
             resumes.record(run_dir, runtime.counters.env_steps, changed or {}, config)
         return runtime.run(report, stop_requested)
+    except EnvError as exc:
+        settle(runtime)
+        raise env_stopped(exc, run_dir, runtime.counters.env_steps) from None
+    except OSError as exc:
+        if not write_failure(exc):
+            raise
+        raise write_stopped(exc, run_dir, runtime.counters.env_steps) from None
     finally:
         runtime.close()
 

@@ -20,6 +20,7 @@ continues it from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -36,6 +37,7 @@ from softflow.actors.envs import LQREnvConfig
 from softflow.actors.evaluate import episode_info_means
 from softflow.actors.rate_limiter import SampleToInsertRatio
 from softflow.actors.remote import ReplayStatus, RunSummary
+from softflow.actors.rollout import EnvError
 from softflow.algorithms import Algorithm, make_algorithm
 from softflow.deploy.config import ConfigError, ExperimentConfig, RunStopped, checkpoint_meta
 from softflow.deploy.run.processes import LocalProcesses, RayProcesses
@@ -250,6 +252,10 @@ class Runtime:
             self._died(slot, incarnation, exc)
             self.counters.lost_transitions += transitions
             return transitions
+        except EnvError:  # the run stops; its fragment's error is read too, so Ray reports no unhandled one
+            with contextlib.suppress(EnvError):
+                self.processes.get(fragment_ref)
+            raise
         adds[self.replay.add.remote(fragment_ref)] = transitions
         window.fragment(summary, self.weights.version)
         return 0
