@@ -41,6 +41,7 @@ def _train(args: argparse.Namespace) -> int:
     from softflow.deploy.run import resumes
     from softflow.deploy.run.driver import check_fresh_run_dir, default_run_dir, train
     from softflow.deploy.run.failures import check_env
+    from softflow.deploy.run.storage import ray_temp_warning
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -58,6 +59,9 @@ def _train(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
         check_fresh_run_dir(run_dir)
         check_env(config)
+    warning = ray_temp_warning(run_dir)
+    if warning:
+        print(warning, file=sys.stderr)
     verb = "resuming" if args.resume else "training"
     print(f"softflow: {verb} '{config.name}' ({config.algorithm.name} on {config.env.id}); run directory {run_dir}")
     summary = train(config, run_dir, progress=not args.no_progress, address=args.address, resume=bool(args.resume))
@@ -199,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an experiment")
     train.add_argument("experiment", nargs="?", help="experiment YAML, e.g. cluster/experiments/lqr-isfm.yaml")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.q_lr=1e-3")
-    train.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
+    train.add_argument("--run-dir", help="run directory (default <storage>/<name>-<time>, storage being the "
+                                         "experiment's storage or runs/)")
     train.add_argument("--no-progress", action="store_true", help="no live progress display")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     train.add_argument("--address", help="Ray cluster to join ('auto' or host:port; RAY_ADDRESS works too); "

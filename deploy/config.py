@@ -108,7 +108,7 @@ class EvalConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: str = Field("experiment", description="run name; the run directory is runs/<name>-<time>")
+    name: str = Field("experiment", description="run name; the run directory is <storage or runs>/<name>-<time>")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds the networks, the replay sampling and the envs")
     total_env_steps: int = Field(100_000, ge=1)
     log_every_steps: int = Field(1000, ge=1, description="env steps between metric reports")
@@ -119,6 +119,21 @@ class ExperimentConfig(_Section):
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
     wandb: WandbConfig = WandbConfig()
+    storage: str | None = Field(
+        None, description="directory under which run directories are created when --run-dir is not given (default "
+                          "runs/ in the working directory); on a cluster a shared filesystem path such as "
+                          "/nfs/softflow-runs, so that a Ray job's runs outlive its temporary working directory. "
+                          "Cloud URIs (s3://, gs://) are not supported: mount the bucket and give its path")
+
+    @field_validator("storage")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError("cloud URIs are not supported (checkpoints and metrics are written as files); mount "
+                             "the bucket or share a filesystem and give its path, e.g. /nfs/softflow-runs")
+        if value is not None and not value.strip():
+            raise ValueError("must be a directory path, not empty")
+        return value
 
     @field_validator("name")
     @classmethod

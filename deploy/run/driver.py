@@ -26,12 +26,14 @@ from softflow.deploy.run import resumes
 from softflow.deploy.run.failures import check_writable, env_stopped, settle, write_failure, write_stopped
 from softflow.deploy.run.metrics import MetricsLogger
 from softflow.deploy.run.progress import TrainingProgress, print_summary
+from softflow.deploy.run.storage import run_root
 from softflow.learner.learner import TrainingDiverged, learner_device
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
-    """``runs/<name>-<time>-<4 random hex digits>``: two runs started in the same second get different ones."""
-    return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    """``<storage or runs>/<name>-<time>-<4 random hex digits>``: two runs started in the same second get different
+    ones; a ``storage`` that is a file or not writable is refused (storage.py)."""
+    return run_root(config) / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:

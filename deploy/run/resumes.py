@@ -23,7 +23,7 @@ from softflow.deploy.config import ConfigError, ExperimentConfig, dump_config, l
 
 RESUMABLE = ("total_env_steps", "log_every_steps", "eval", "wandb", "actors.count", "actors.max_restarts",
              "actors.num_cpus", "actors.resources", "learner.checkpoint_every", "learner.keep_checkpoints",
-             "learner.num_cpus", "learner.num_gpus", "learner.resources")
+             "learner.num_cpus", "learner.num_gpus", "learner.resources", "storage")
 RESUMES_FILE = "resumes.jsonl"
 
 
