@@ -4,8 +4,9 @@ Each path is a run directory (it holds config.yaml) or a directory holding runs 
 runs, searched below it). Runs are grouped by (algorithm, task) from their config.yaml; the task is ``env.id``, with
 ``:<n>task`` for FrankaKitchen's ``tasks_to_complete``. Per run: the final evaluation return (summary.json's, else the
 last evaluation in metrics.jsonl), the best one (the maximum of all its evaluations), the same for
-``eval/task_fraction`` where logged, the mean ``actors/env_steps_per_s`` and the wall-clock seconds (a sweep trial's
-trial.json, else the time from config.yaml's writing to summary.json's).
+``eval/task_fraction`` where logged, the wall-clock seconds (a sweep trial's trial.json, else the time from
+config.yaml's writing to summary.json's) and the env steps/s over them (the last env step over the wall time; the
+mean of the logged ``actors/env_steps_per_s`` when the wall time is unknown).
 
 Per group the report gives the IQM of the runs' final and best returns with 95 % stratified-bootstrap confidence
 intervals (stats.py; the runs of a group in the order found, the paths as given and the runs below one sorted, which
@@ -105,9 +106,10 @@ def read_run(path: Path) -> Run:
         wall_s = _number(json.loads((path / "trial.json").read_text()).get("wall_s"))
     elif summary_file.is_file():
         wall_s = summary_file.stat().st_mtime - (path / "config.yaml").stat().st_mtime
+    steps = summary.get("env_steps", records[-1]["env_steps"])
+    rate = steps / wall_s if wall_s else float(np.mean(rates)) if rates else None
     return Run(path, str((config.get("algorithm") or {}).get("name", "?")), task_of(config), curve, curve[-1][1],
-               max(v for _, v in curve), (fractions[-1], max(fractions)) if fractions else None,
-               float(np.mean(rates)) if rates else None, wall_s)
+               max(v for _, v in curve), (fractions[-1], max(fractions)) if fractions else None, rate, wall_s)
 
 
 def summarise(runs: list[Run], reps: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
