@@ -60,6 +60,16 @@ def scaling_efficiency(rows: list[dict[str, Any]]) -> dict[int, float]:
     return {n: sum(v) / len(v) / (n * base) for n, v in sorted(by_count.items())}
 
 
+def scaling_by_envs(rows: list[dict[str, Any]]) -> dict[int | None, dict[int, float]]:
+    """:func:`scaling_efficiency` within each ``actors.envs_per_actor`` swept (None when it is not): n actors with e
+    envs each are compared with the fewest actors at the same e."""
+    groups: dict[int | None, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        envs = row.get("actors.envs_per_actor")
+        groups[None if envs is None else int(envs)].append(row)
+    return {envs: found for envs, group in groups.items() if (found := scaling_efficiency(group))}
+
+
 def collect_results(results: Any, keys: list[str]) -> list[dict[str, Any]]:
     """One row per trial from Tune's ResultGrid: the trial, its swept values, status (ok, error, or stopped: ended
     early by the scheduler) and every metric of its last report."""
@@ -162,17 +172,18 @@ def print_table(rows: list[dict[str, Any]], keys: list[str], metric: str, title:
 def report(rows: list[dict[str, Any]], sweep: SweepConfig, keys: list[str], sweep_dir: Path) -> list[dict[str, Any]]:
     """Writes results.csv, results.json and sweep.png, prints the table (and the scaling efficiency); raises
     RunStopped when a trial failed."""
-    efficiency = scaling_efficiency(rows) if "actors.count" in keys else {}
+    efficiency = scaling_by_envs(rows) if "actors.count" in keys else {}
     scored = [row for row in rows if isinstance(row.get(sweep.metric), (int, float))
               and math.isfinite(row[sweep.metric])]
     best = (max if sweep.mode == "max" else min)(scored, key=lambda row: row[sweep.metric]) if scored else None
     write_results(rows, sweep, keys, sweep_dir, best and best["trial"])
     plot = plot_sweep(rows, sweep.metric, keys[0], sweep_dir / "sweep.png")
     print_table(rows, keys, sweep.metric, f"sweep {sweep_dir.name}: {sweep.metric} ({sweep.mode})")
-    if efficiency:
-        n0 = min(efficiency)
-        print(f"scaling efficiency (env steps/s with n actors over {'n' if n0 == 1 else f'n/{n0}'} x with {n0}): "
-              + ", ".join(f"{n}: {e:.2f}" for n, e in efficiency.items()))
+    for envs, by_count in efficiency.items():
+        n0 = min(by_count)
+        per = "" if envs is None else f", {envs} envs per actor"
+        print(f"scaling efficiency (env steps/s with n actors over {'n' if n0 == 1 else f'n/{n0}'} x with {n0}{per}): "
+              + ", ".join(f"{n}: {e:.2f}" for n, e in by_count.items()))
     if best:
         print(f"best trial by {sweep.metric} ({sweep.mode}): {best['trial']} = {best[sweep.metric]:.4g}")
     elif rows:

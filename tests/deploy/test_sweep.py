@@ -18,7 +18,13 @@ import yaml
 
 from softflow.deploy.cli import USAGE_ERROR, main
 from softflow.deploy.config import ConfigError, RunStopped
-from softflow.deploy.sweep.results import condense_metrics, plot_sweep, report, scaling_efficiency
+from softflow.deploy.sweep.results import (
+    condense_metrics,
+    plot_sweep,
+    report,
+    scaling_by_envs,
+    scaling_efficiency,
+)
 from softflow.deploy.sweep.spec import (
     SCALING,
     THROUGHPUT,
@@ -38,7 +44,8 @@ ACTOR_SCALING = SWEEPS / "actor-scaling.yaml"
 EXPERIMENT = REPO / "cluster" / "experiments" / "inverted-pendulum.yaml"
 
 # The actor-scaling sweep shrunk to 1 and 2 actors, 300 env steps of SAC on InvertedPendulum-v5, W&B off.
-TINY = ["space.actors.count={grid: [1, 2]}", "env={id: InvertedPendulum-v5}", "total_env_steps=300",
+TINY = ["space.actors.count={grid: [1, 2]}", "space.actors.envs_per_actor={grid: [1]}",
+        "env={id: InvertedPendulum-v5}", "total_env_steps=300",
         "log_every_steps=100", "learner.learning_starts=100", "eval={every_steps: 300, episodes: 1}",
         "algorithm.batch_size=32", "replay.updates_per_step=0.1", "actors.fragment_length=50", "wandb.mode=disabled"]
 
@@ -139,7 +146,8 @@ BAD = [
      "the experiment with the sweep's overrides: total_env_steps: Input should be a valid integer"),
     ("swept-and-fixed", {"experiment": str(EXPERIMENT), "overrides": {"seed": 1}, "space": {"seed": {"grid": [0]}}},
      [], "sweep file {file}: seed is both swept (space) and fixed (overrides); keep one"),
-    ("nothing-left-to-sweep", None, ["actors.count=3"], "sweep file {file}: space: Dictionary should have at least 1"),
+    ("nothing-left-to-sweep", None, ["actors.count=3", "actors.envs_per_actor=1"],
+     "sweep file {file}: space: Dictionary should have at least 1"),
     ("not-a-metric", None, ["metric=actor/env_steps_per_s"], "sweep file {file}: metric 'actor/env_steps_per_s' is "
                                                              "not a softflow metric"),
     ("no-space", {"experiment": str(EXPERIMENT)}, [], "sweep file {file}: space: required key is missing"),
@@ -187,9 +195,10 @@ def test_a_trial_the_cluster_cannot_hold_is_refused_before_the_sweep(monkeypatch
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     sweep, experiment = load_sweep(ACTOR_SCALING)
     checked, probed = check_space(sweep, base_tree(sweep, experiment))
-    assert [values["actors.count"] for values in probed] == [1, 2, 4, 8, 16]
+    assert [values["actors.count"] for values in probed] == [1, 2, 4, 8, 16, 1]  # then 8 envs per actor
     check_resources(checked[:2], probed[:2])  # driver 0.25 + learner 0.5 + 2 x 0.5 = 1.75 CPUs fit in 2
-    with pytest.raises(ConfigError, match=r"^a trial with actors.count=4 needs 2.75 CPU \(its driver, the learner and "
+    with pytest.raises(ConfigError, match=r"^a trial with actors.count=4, actors.envs_per_actor=1 needs 2.75 CPU "
+                                          r"\(its driver, the learner and "
                                           r"4 x actors.num_cpus=0.5\) but the Ray cluster has 2; sweep fewer actors"):
         check_resources(checked, probed)
 
@@ -207,7 +216,8 @@ def test_every_sweep_file_loads_and_each_value_of_its_space_validates(path):
 
 def test_actor_scaling_measures_sac_on_halfcheetah_with_one_seed_and_one_trial_at_a_time():
     sweep, experiment = load_sweep(ACTOR_SCALING)
-    assert sweep.space["actors.count"].grid == [1, 2, 4, 8, 16] and list(sweep.space) == ["actors.count"]
+    assert sweep.space["actors.count"].grid == [1, 2, 4, 8, 16] and sweep.space["actors.envs_per_actor"].grid == [1, 8]
+    assert list(sweep.space) == ["actors.count", "actors.envs_per_actor"]
     assert sweep.metric == THROUGHPUT and sweep.max_concurrent_trials == 1 and sweep.num_samples == 1
     config = trial_experiment(base_tree(sweep, experiment), {"actors.count": 16})
     assert config.env.id == "HalfCheetah-v5" and config.algorithm.name == "sac" and config.actors.count == 16
@@ -224,7 +234,7 @@ def test_command_line_routes_space_fields_and_experiment_overrides():
     # the command line has the last word: sweeping a fixed key unfixes it, fixing a swept key takes it off the space
     assert "seed" not in sweep.overrides  # actor-scaling.yaml fixes seed: 0
     sweep, _ = load_sweep(ACTOR_SCALING, ["space.seed={grid: [0, 1]}", "actors.count=4"])
-    assert list(sweep.space) == ["seed"] and sweep.overrides["actors.count"] == 4
+    assert list(sweep.space) == ["actors.envs_per_actor", "seed"] and sweep.overrides["actors.count"] == 4
 
 
 def test_distributions_become_tune_domains():
@@ -260,6 +270,17 @@ def test_scaling_efficiency_over_the_mean_of_each_count():
     assert rows[0][SCALING] == pytest.approx(100 / 110) and SCALING not in rows[3]
     rows = [{"actors.count": 2, THROUGHPUT: 200.0}, {"actors.count": 4, THROUGHPUT: 300.0}]
     assert scaling_efficiency(rows) == {2: 1.0, 4: pytest.approx(0.75)}  # against the fewest actors swept
+
+
+def test_scaling_efficiency_within_each_envs_per_actor():
+    rows = [{"actors.count": 1, "actors.envs_per_actor": 1, THROUGHPUT: 100.0},
+            {"actors.count": 4, "actors.envs_per_actor": 1, THROUGHPUT: 360.0},
+            {"actors.count": 1, "actors.envs_per_actor": 8, THROUGHPUT: 500.0},
+            {"actors.count": 4, "actors.envs_per_actor": 8, THROUGHPUT: 1900.0}]
+    assert scaling_by_envs(rows) == {1: {1: 1.0, 4: pytest.approx(0.9)}, 8: {1: 1.0, 4: pytest.approx(0.95)}}
+    assert rows[3][SCALING] == pytest.approx(0.95)
+    assert scaling_by_envs(rows[:2]) == {1: {1: 1.0, 4: pytest.approx(0.9)}}
+    assert scaling_by_envs([{"actors.count": 2, THROUGHPUT: 50.0}]) == {None: {2: 1.0}}
 
 
 def test_trial_names_are_indexed_and_safe_as_directory_names():
