@@ -229,3 +229,33 @@ def test_sigterm_leaves_a_checkpoint_and_resume_finishes_from_that_step(tmp_path
     steps = [row["env_steps"] for row in metrics(run_dir)]
     assert steps == sorted(steps) and steps[-1] == 1500
     assert json.loads((run_dir / "summary.json").read_text())["env_steps"] == 1500
+
+
+@pytest.mark.timeout(600)
+def test_a_driver_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
+    """The real command in serial mode, SIGKILLed (no handler runs) once a checkpoint set exists past 400 steps:
+    ``--resume`` starts from the newest whole set and finishes the budget; metrics.jsonl's env_steps never go back."""
+    (tmp_path / "exp.yaml").write_text(json.dumps(experiment(
+        total_env_steps=1500, actors={"count": 0}, learner={"checkpoint_every": 200})))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "softflow.deploy.cli", "train"]
+    run = subprocess.Popen([*command, str(tmp_path / "exp.yaml"), "--run-dir", str(run_dir), "--no-progress"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and run.poll() is None:
+        newest, _ = checkpoints.newest_set(run_dir / "checkpoints")
+        if newest is not None and int(newest.name.split("-")[1]) >= 400:
+            break
+        time.sleep(0.1)
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=60)
+    newest, _ = checkpoints.newest_set(run_dir / "checkpoints")
+    killed_at = int(newest.name.split("-")[1])
+    assert 400 <= killed_at < 1500
+
+    resumed = subprocess.run([*command, "--resume", str(run_dir), "--no-progress"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    steps = [row["env_steps"] for row in metrics(run_dir)]
+    assert steps == sorted(steps) and steps[-1] == 1500
+    assert json.loads((run_dir / "summary.json").read_text())["env_steps"] == 1500
