@@ -44,7 +44,7 @@ ACTOR_SCALING = SWEEPS / "actor-scaling.yaml"
 EXPERIMENT = REPO / "cluster" / "experiments" / "inverted-pendulum.yaml"
 
 # The actor-scaling sweep shrunk to 1 and 2 actors, 300 env steps of SAC on InvertedPendulum-v5, W&B off.
-TINY = ["space.actors.count={grid: [1, 2]}", "space.actors.envs_per_actor={grid: [1]}",
+TINY = ["space.actors.count={grid: [1, 2]}", "actors.envs_per_actor=1",
         "env={id: InvertedPendulum-v5}", "total_env_steps=300",
         "log_every_steps=100", "learner.learning_starts=100", "eval={every_steps: 300, episodes: 1}",
         "algorithm.batch_size=32", "replay.updates_per_step=0.1", "actors.fragment_length=50", "wandb.mode=disabled"]
