@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from softflow.deploy.config import ConfigError
+from softflow.deploy.config import ConfigError, ExperimentConfig
+from softflow.deploy.run.storage import run_root
 from softflow.deploy.sweep.board import log_sweep_table
 from softflow.deploy.sweep.results import collect_results, condense_metrics, report
 from softflow.deploy.sweep.schedulers import PBT_RESUMABLE, build_scheduler
@@ -31,6 +32,10 @@ from softflow.deploy.sweep.spec import (
 )
 from softflow.deploy.sweep.trial import TRIAL_FILE, TrialReporter, finished, restore
 
+
+def default_sweep_dir(name: str, experiment: ExperimentConfig) -> Path:
+    """``<storage or runs>/<name>-<time>``: a sweep goes where its (first) experiment's runs go (``storage``)."""
+    return run_root(experiment) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 def run_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], sweep_dir: str, metric: str,
               resumable: tuple[str, ...] = ()) -> None:
@@ -110,7 +115,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), sweep_dir: str | Path
         checked += found[0]
         probed += [{**values, **({EXPERIMENT_KEY: label} if len(bases) > 1 else {})} for values in found[1]]
     keys = ([EXPERIMENT_KEY] if len(bases) > 1 else []) + list(sweep.space)
-    sweep_dir = Path(sweep_dir or Path("runs") / f"{sweep.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    sweep_dir = Path(sweep_dir or default_sweep_dir(sweep.name, checked[0])).resolve()
     if "wandb.group" not in sweep.overrides:
         for base in bases.values():
             _assign(base, "wandb.group", sweep_dir.name)  # the trials of one sweep side by side in W&B

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from helpers import tiny_experiment
@@ -82,3 +83,13 @@ def test_what_counts_as_rays_temporary_directory(tmp_path, monkeypatch):
     assert in_ray_temp(tmp_path / "elsewhere" / "runtime_resources" / "working_dir_files" / "runs")
     assert not in_ray_temp(tmp_path / "t" / "ray" / "runs")
     assert not in_ray_temp(tmp_path / "nfs" / "softflow-runs" / "x")
+
+
+def test_a_sweep_without_a_sweep_dir_goes_under_its_experiments_storage(tmp_path, monkeypatch):
+    from softflow.deploy.sweep.tune import default_sweep_dir
+
+    monkeypatch.chdir(tmp_path)
+    stored = tiny_experiment().model_copy(update={"storage": str(tmp_path / "nfs")})
+    assert default_sweep_dir("seeds", stored).parent == tmp_path / "nfs"
+    assert default_sweep_dir("seeds", tiny_experiment()).parent == Path("runs")
+    assert default_sweep_dir("seeds", stored).name.startswith("seeds-")
