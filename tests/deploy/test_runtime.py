@@ -70,20 +70,25 @@ def test_rate_limiter_holds_the_update_to_data_ratio(tmp_path, actors):
     assert last["replay/samples"] >= utd * (last["replay/inserts"] - starts) - tolerance
 
 
-def kill_at(env_steps: int, pid: int, before=None):
-    """A report callback that SIGKILLs ``pid`` at the first report at or past ``env_steps`` (mid-run, whatever the
-    machine's speed); ``before`` is called instead at the first report past half of that."""
+def at_steps(env_steps: int, action, before=None):
+    """A report callback that calls ``action`` at the first report at or past ``env_steps`` (mid-run, whatever the
+    machine's speed); ``before`` is called at the first report past half of that."""
     done = set()
 
     def report(steps: int, metrics: dict) -> None:
         if before is not None and steps >= env_steps // 2 and "before" not in done:
             done.add("before")
             before()
-        if steps >= env_steps and "kill" not in done:
-            done.add("kill")
-            os.kill(pid, signal.SIGKILL)
+        if steps >= env_steps and "action" not in done:
+            done.add("action")
+            action()
 
     return report
+
+
+def kill_at(env_steps: int, pid: int, before=None):
+    """:func:`at_steps` with a SIGKILL to ``pid``."""
+    return at_steps(env_steps, lambda: os.kill(pid, signal.SIGKILL), before)
 
 
 def test_killed_rollout_actor_is_restarted_and_the_run_completes(make_runtime):
@@ -108,6 +113,25 @@ def test_killed_replay_actor_restarts_from_its_last_save(make_runtime):
     assert status.inserts + summary["replay/lost_transitions"] == 2000
     assert 300 <= summary["replay/lost_transitions"] <= 600, summary
     assert status.size == status.inserts
+
+
+def test_a_replay_actor_killed_as_a_checkpoint_starts_leaves_a_whole_set_and_the_run_completes(make_runtime):
+    """SIGKILL to the replay actor, then a checkpoint at once: Ray restarts the actor from its last save and retries
+    its part of the set, so the set is whole (its manifest checks out) and the run goes on to its budget."""
+    runtime = make_runtime(parse_experiment(experiment(total_env_steps=2000, learner={"checkpoint_every": 10**6})))
+    victim = ray.get(runtime.replay.pid.remote())
+    sets = []
+
+    def kill_then_checkpoint() -> None:
+        os.kill(victim, signal.SIGKILL)
+        runtime.checkpoint()
+        sets.append((runtime.counters.env_steps, checkpoints.newest_set(runtime.checkpoints)))
+
+    summary = runtime.run(at_steps(800, kill_then_checkpoint, before=runtime.checkpoint))
+    ((steps, (newest, skipped)),) = sets
+    assert not skipped and newest.name == f"step-{steps:012d}"
+    assert ray.get(runtime.replay.pid.remote()) != victim
+    assert summary["env_steps"] == 2000 and summary["replay/lost_transitions"] > 0
 
 
 def test_killed_learner_stops_the_run_with_a_resume_hint_and_resume_finishes(tmp_path):
