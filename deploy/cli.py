@@ -70,9 +70,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from softflow.actors.rollout import EnvError
     from softflow.deploy.policies import evaluate_policy
 
-    print(json.dumps(evaluate_policy(args.path, args.episodes, args.seed), indent=2))
+    try:
+        result = evaluate_policy(args.path, args.episodes, args.seed)
+    except EnvError as exc:
+        raise RunStopped(f"{exc}; no evaluation was written") from None
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -133,3 +133,15 @@ def test_a_run_directory_that_stops_taking_writes_stops_the_run_with_its_checkpo
     line = one_line(lines, f"softflow: stopped: could not write to {run_dir}/metrics.jsonl (Read-only file system)")
     assert code == 1 and f"Make {run_dir} writable (or free space), then continue it with" in line
     assert checkpoints.newest_set(tmp_path / "run" / "checkpoints")[0] is not None
+
+
+def test_evaluating_a_policy_in_an_env_that_turns_non_finite_stops_with_one_line(tmp_path, capsys):
+    """``softflow evaluate`` of a trained run whose env returns a NaN observation from its 250th step on (reached
+    across the evaluation's episodes): one line, exit 1, nothing printed on stdout."""
+    code, _, run_dir = softflow_train(tmp_path, capsys, f"env.id={NAN_ENV}", "eval.episodes=1", total_env_steps=120)
+    assert code == 0
+    code = main(["evaluate", run_dir, "--episodes", "500"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("softflow: stopped: env ") and "non-finite observation" in line, line
