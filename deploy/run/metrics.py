@@ -36,6 +36,7 @@ import secrets
 import shlex
 import string
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -54,6 +55,7 @@ WANDB_ID_FILE = "wandb_id.txt"
 WANDB_API_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 # Seconds an online start may take before the logger gives up and logs offline.
 ONLINE_INIT_TIMEOUT_S = 30.0
+RUN_ID_WAIT_S = 60.0  # how long a resumed run waits for a killed run's W&B service to let go of its run id
 # Series drawn in learning_curve.png, with their legend labels.
 CURVE_SERIES = {"train/episode_return": "training episodes", "eval/episode_return": "evaluation episodes"}
 # Metrics whose W&B summary is their maximum over the run (the final value is in ``<name>_final``).
@@ -259,13 +261,35 @@ class MetricsLogger:
         import wandb  # here, not at the top: importing wandb costs a second that only W&B runs should pay
 
         try:
-            return self._init_wandb(config, wandb_config, mode), mode, None
+            return self._init_held_id(config, wandb_config, mode), mode, None
         except wandb.Error as error:
             if mode != "online":
                 raise
             reason = str(error).splitlines()[0]
             wandb.teardown()  # the failed start keeps the run id taken until the W&B service process stops
-            return self._init_wandb(config, wandb_config, "offline"), "offline", reason
+            return self._init_held_id(config, wandb_config, "offline"), "offline", reason
+
+    def _init_held_id(self, config: dict, wandb_config: WandbConfig, mode: str):
+        """:meth:`_init_wandb`, waiting while the run id is still "in use": a run resumed after its driver was
+        SIGKILLed finds the dead driver's W&B service still holding the id until that process notices and exits.
+        After ``RUN_ID_WAIT_S`` the resumed run logs to a new W&B run (its id stored) rather than stopping."""
+        import wandb
+
+        deadline = time.monotonic() + RUN_ID_WAIT_S
+        while True:
+            try:
+                return self._init_wandb(config, wandb_config, mode)
+            except Exception as error:  # wandb's ServerResponseError is no wandb.Error
+                if "in use" not in str(error):
+                    raise
+                wandb.teardown()
+                if time.monotonic() > deadline:
+                    old, self.run_id = self.run_id, _new_run_id()
+                    (self.run_dir / WANDB_ID_FILE).write_text(self.run_id + "\n")
+                    print(f"softflow: warning: W&B run {old} is still held by a process of the run before; "
+                          f"logging to W&B run {self.run_id} instead", file=sys.stderr)
+                    return self._init_wandb(config, wandb_config, mode)
+                time.sleep(1.0)
 
     def _init_wandb(self, config: dict, wandb_config: WandbConfig, mode: str):
         import wandb

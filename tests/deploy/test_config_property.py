@@ -28,8 +28,10 @@ from softflow.deploy.cli import USAGE_ERROR, main
 from softflow.deploy.config import ExperimentConfig
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "cluster" / "experiments" / "lqr-isfm.yaml"
-# the LQR matrices have their own tests (tests/actors/test_lqr.py); W&B and the GPU are not used here
-SKIP = {"env", "env.id", "env.A", "env.B", "env.Q", "env.R", "env.W", "wandb", "algorithm.name", "learner.num_gpus"}
+# the LQR matrices have their own tests (tests/actors/test_lqr.py), storage paths theirs (tests/deploy/test_storage.py);
+# W&B and the GPU are not used here
+SKIP = {"env", "env.id", "env.A", "env.B", "env.Q", "env.R", "env.W", "wandb", "algorithm.name", "learner.num_gpus",
+        "storage"}
 WRONG_TYPES = {"number": ["abc", [1], {"x": 1}], "list": ["abc", {"x": 1}], "dict": ["abc", [1]],
                "str": [[1], {"x": 1}]}
 

@@ -287,3 +287,39 @@ def test_print_summary_lists_scalar_metrics():
     assert any("env_steps" in line and "40,000" in line for line in rows.splitlines())
     assert any("eval/episode_return" in line and "-3.25" in line for line in rows.splitlines())
     assert "nested" not in rows
+
+
+def test_a_resumed_run_waits_for_a_held_wandb_run_id_then_takes_a_new_one(tmp_path, monkeypatch, capsys):
+    """After a SIGKILLed driver, its W&B service can hold the run id a while ("run ID ... is in use"): the logger
+    retries until RUN_ID_WAIT_S, then logs to a new W&B run, stores its id and says so in one line."""
+    from types import SimpleNamespace
+
+    from softflow.deploy.run import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module.time, "sleep", lambda s: None)
+    calls = []
+
+    def held_twice(config, wandb_config, mode):
+        calls.append(logger.run_id)
+        if len(calls) <= 2:
+            raise RuntimeError(f"run ID {logger.run_id} is in use")
+        return "run"
+
+    logger = SimpleNamespace(run_id="abcd1234", run_dir=tmp_path, _init_wandb=held_twice)
+    assert metrics_module.MetricsLogger._init_held_id(logger, {}, None, "offline") == "run"
+    assert calls == ["abcd1234"] * 3 and capsys.readouterr().err == ""
+
+    def held_for_good(config, wandb_config, mode):
+        calls.append(logger.run_id)
+        if logger.run_id == "abcd1234":
+            raise RuntimeError("run ID abcd1234 is in use")
+        return "run"
+
+    calls.clear()
+    monkeypatch.setattr(metrics_module, "RUN_ID_WAIT_S", -1.0)
+    logger.run_id, logger._init_wandb = "abcd1234", held_for_good
+    assert metrics_module.MetricsLogger._init_held_id(logger, {}, None, "offline") == "run"
+    assert calls[0] == "abcd1234" and logger.run_id != "abcd1234" and len(logger.run_id) == 8
+    assert (tmp_path / metrics_module.WANDB_ID_FILE).read_text().strip() == logger.run_id
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("softflow: warning: W&B run abcd1234 is still held")
