@@ -42,6 +42,9 @@ class RayProcesses:
 
     errors = (RayActorError, ActorUnavailableError)  # what a call to a dead actor raises
     runs_in_flight = 2  # per rollout actor: the next run is queued while the driver handles the last
+    # While the rate limiter holds every actor back, the driver asks the replay actor this often whether they may go
+    # on. Asked back to back, the driver and the replay actor took most of a core from the learner.
+    status_poll_s = 0.02
     get = staticmethod(ray.get)
     put = staticmethod(ray.put)
 
@@ -156,6 +159,7 @@ class LocalProcesses:
     errors: tuple = ()  # nothing in this process dies on its own
     rollout_actors = 1
     runs_in_flight = 1
+    status_poll_s = 0.0  # nothing runs between two calls here, so the status can only change by the driver's calls
 
     def __init__(self, config: ExperimentConfig):
         self.config = config

@@ -169,7 +169,7 @@ class Runtime:
         pending = 0  # transitions of runs submitted but not yet in the replay buffer
         adds: dict = {}  # add ref -> transitions
         learner_task = self._train_learner()
-        status_task = None
+        status_task, status_due = None, 0.0  # a replay status call in flight; when the next may go
         window = Window()
         while n.env_steps < c.total_env_steps:
             if stop_requested():
@@ -182,12 +182,16 @@ class Runtime:
                     random_actions = n.env_steps + pending < c.learner.learning_starts
                     self._submit(slot, random_actions)
                     pending += chunk
-            if not adds and all(not s.runs for s in self.slots) and status_task is None:
-                status_task = self.replay.status.remote()
+            timeout = WAIT_TIMEOUT_S
+            if not adds and all(not s.runs for s in self.slots) and status_task is None:  # all held back: poll
+                if time.perf_counter() >= status_due:
+                    status_task = self.replay.status.remote()
+                else:
+                    timeout = min(timeout, status_due - time.perf_counter())
             eval_task = self.evaluation[0] if self.evaluation else None
             waiting = [learner_task, *adds, *(r for s in self.slots for r in s.runs)]
             waiting += [t for t in (eval_task, status_task) if t is not None]
-            ready = self.processes.wait(waiting, WAIT_TIMEOUT_S)
+            ready = self.processes.wait(waiting, max(timeout, 0.0))
             for ref in ready:
                 if ref is learner_task:
                     window.learner(self._learner_result(learner_task))
@@ -196,7 +200,7 @@ class Runtime:
                     window.metrics |= self._evaluation_result()
                 elif ref is status_task:
                     self.status = self.processes.get(status_task)
-                    status_task = None
+                    status_task, status_due = None, time.perf_counter() + self.processes.status_poll_s
                 elif ref in adds:
                     self.status = self.processes.get(ref)
                     transitions = adds.pop(ref)

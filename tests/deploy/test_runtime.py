@@ -70,6 +70,21 @@ def test_rate_limiter_holds_the_update_to_data_ratio(tmp_path, actors):
     assert last["replay/samples"] >= utd * (last["replay/inserts"] - starts) - tolerance
 
 
+def test_the_driver_waits_quietly_while_the_learner_holds_the_actors_back(tmp_path, make_runtime):
+    """A learner far slower than its actor (batch 256, [256, 256] networks, one update per env step) holds the
+    actor back nearly all the time. The driver then polls the replay actor at an interval instead of back to back:
+    polled back to back it used 48 % of a core here, paced 9 %, and the learner got the CPU it took."""
+    runtime = make_runtime(parse_experiment(experiment(
+        total_env_steps=1200, actors={"count": 1, "candidates": 1}, eval={"episodes": 0},
+        algorithm={"batch_size": 256, "hidden": [256, 256], "critic": {"hidden": [256, 256]}},
+        replay={"updates_per_step": 1.0},
+        learner={"checkpoint_every": 10**6, "publish_every": 50, "batches_per_request": 4})))
+    wall, cpu = time.perf_counter(), time.process_time()
+    runtime.run(lambda steps, metrics: None)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert cpu / wall < 0.25, f"the driver used {cpu / wall:.0%} of a core over {wall:.1f} s"
+
+
 def at_steps(env_steps: int, action, before=None):
     """A report callback that calls ``action`` at the first report at or past ``env_steps`` (mid-run, whatever the
     machine's speed); ``before`` is called at the first report past half of that."""

@@ -39,3 +39,13 @@ def test_a_non_finite_loss_stops_training_naming_the_loss_and_the_update():
     plain.update(batches(2))
     with pytest.raises(TrainingDiverged, match=r"^losses/q_loss became (inf|nan) at update 3; lower algorithm"):
         plain.update(batches(2, reward=np.inf))
+
+
+def test_a_cpu_learner_flushes_subnormal_floats_to_zero():
+    """1e-20 squared is 1e-40, a subnormal float32 that x86 computes in slow microcode; the CPU learner's process
+    flushes such results to zero (learner/learner.py)."""
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-20])
+    assert (tiny * tiny).item() > 0
+    learner()
+    assert (tiny * tiny).item() == 0.0
