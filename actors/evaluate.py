@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from softflow.actors.rollout import check_finite, flatten_obs
+from softflow.actors.rollout import EpisodeStep, check_finite, flatten_obs
 from softflow.algorithms.base import Algorithm
 
 # Final-info keys averaged over episodes when the env reports them (FrankaKitchen, see TaskCompletionInfo), and
@@ -31,7 +31,7 @@ def _run_episode(env: gymnasium.Env, act_fn: Callable[[np.ndarray, bool], np.nda
     with np.errstate(all="ignore"):
         obs, info = env.reset(seed=seed)
         flat = flatten_obs(env.observation_space, obs)
-    check_finite(env, flat, 0.0, "at an evaluation reset")
+    check_finite(env, flat, 0.0, "an evaluation reset")
     total, length, done = 0.0, 0, False
     while not done:
         action = act_fn(flat[None], False)[0]
@@ -40,7 +40,7 @@ def _run_episode(env: gymnasium.Env, act_fn: Callable[[np.ndarray, bool], np.nda
         with np.errstate(all="ignore"):
             obs, reward, terminated, truncated, info = env.step(action)
             flat = flatten_obs(env.observation_space, obs)
-        check_finite(env, flat, float(reward), f"at step {length + 1} of an evaluation episode")
+        check_finite(env, flat, float(reward), EpisodeStep(length + 1, "an evaluation episode"))
         total, length, done = total + float(reward), length + 1, terminated or truncated
     return total, length, info
 

@@ -37,11 +37,24 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def check_finite(env: gymnasium.Env, obs: np.ndarray, reward: float, where: str) -> None:
+class EpisodeStep:
+    """Where an env call is, "step N of an episode", as the error messages say it. Made on every env step and
+    formatted only when a message needs it."""
+
+    __slots__ = ("episode", "number")
+
+    def __init__(self, number: int, episode: str = "an episode"):
+        self.number, self.episode = number, episode
+
+    def __str__(self) -> str:
+        return f"step {self.number} of {self.episode}"
+
+
+def check_finite(env: gymnasium.Env, obs: np.ndarray, reward: float, where: str | EpisodeStep) -> None:
     """Raises :class:`EnvError` when ``obs`` or ``reward`` is NaN or infinite (``where``: at which step)."""
     what = "observation" if not np.isfinite(obs).all() else "reward" if not math.isfinite(reward) else None
     if what is not None:
-        raise EnvError(f"env {env_name(env)} returned a non-finite {what} {where} (unstable physics?)")
+        raise EnvError(f"env {env_name(env)} returned a non-finite {what} at {where} (unstable physics?)")
 
 
 def _flat_box(space: spaces.Space) -> spaces.Box:
@@ -119,12 +132,12 @@ class RolloutWorker:
             with np.errstate(all="ignore"):
                 obs, _ = self._call(env, env.reset, "its first reset", seed=seed + i)
                 self._obs[i] = flatten_obs(env.observation_space, obs)
-            check_finite(env, self._obs[i], 0.0, "at its first reset")
+            check_finite(env, self._obs[i], 0.0, "its first reset")
         self._returns = np.zeros(num_envs, dtype=np.float64)
         self._lengths = np.zeros(num_envs, dtype=np.int64)
 
     @staticmethod
-    def _call(env: gymnasium.Env, method: Callable, where: str, *args: Any, **kwargs: Any) -> Any:
+    def _call(env: gymnasium.Env, method: Callable, where: str | EpisodeStep, *args: Any, **kwargs: Any) -> Any:
         """``method(*args, **kwargs)`` of ``env``, an exception in it turned into one :class:`EnvError` line."""
         try:
             return method(*args, **kwargs)
@@ -173,12 +186,12 @@ class RolloutWorker:
             actions[t] = action
             for i, env in enumerate(self.envs):
                 step_action = action[i].reshape(self.action_space.shape)
-                where = f"step {self._lengths[i] + 1} of an episode"
+                where = EpisodeStep(int(self._lengths[i]) + 1)
                 with np.errstate(all="ignore"):  # non-finite values are caught below, with the env named
                     o, r, term, trunc, info = self._call(env, env.step, where, step_action)
                     flat = flatten_obs(env.observation_space, o)
                     rewards[t, i] = r
-                check_finite(env, flat, float(rewards[t, i]), f"at {where}")
+                check_finite(env, flat, float(rewards[t, i]), where)
                 next_obs[t, i] = flat
                 terminated[t, i] = float(term)
                 truncated[t, i] = float(trunc)
@@ -193,7 +206,7 @@ class RolloutWorker:
                     with np.errstate(all="ignore"):
                         o, _ = self._call(env, env.reset, "a reset")
                         flat = flatten_obs(env.observation_space, o)
-                    check_finite(env, flat, 0.0, "at a reset")
+                    check_finite(env, flat, 0.0, "a reset")
                 self._obs[i] = flat
 
         self.env_steps += n * e

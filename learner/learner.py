@@ -5,8 +5,10 @@ A plain class (Sample Factory's Learner): the serial driver calls it in-process;
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,6 +29,24 @@ def learner_device(num_gpus: float | str) -> torch.device:
     return torch.device("cuda")
 
 
+@contextlib.contextmanager
+def subnormals_flushed(device: torch.device) -> Iterator[None]:
+    """Within the block, CPU arithmetic flushes subnormal floats (below 1.2e-38) to zero. As a run goes on, Adam's
+    moments and the weights of rarely active units decay into subnormals, which x86 CPUs compute in slow microcode:
+    flushing them made SAC's CPU learner 15 % faster in a HalfCheetah run (docs/benchmarks.md). GPUs compute
+    subnormals at full speed, so nothing changes there. torch's switch is the calling thread's, until turned off:
+    the block turns it off again, so nothing outside the updates sees it, and torch's other intra-op threads (with
+    ``learner.num_cpus`` above 1) keep computing subnormals."""
+    if device.type != "cpu":
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 class TrainingDiverged(RuntimeError):
     """An update produced a non-finite loss; the networks are no longer usable, so training stops."""
 
@@ -36,12 +56,6 @@ class Learner:
     first non-finite loss instead of training on NaN weights."""
 
     def __init__(self, algorithm: Algorithm, device: torch.device, compile_mode: str = "none"):
-        if device.type == "cpu":
-            # Weights, gradients and Adam's moments of rarely active units decay into subnormal floats (below
-            # 1.2e-38), which x86 CPUs compute in slow microcode: flushing them to zero made SAC's CPU learner 15 %
-            # faster in a HalfCheetah run (docs/benchmarks.md). GPUs compute subnormals at full speed. The setting
-            # is process-wide, as torch has it.
-            torch.set_flush_denormal(True)
         self.algorithm = algorithm
         self.device = device
         self.num_updates = 0
@@ -58,10 +72,11 @@ class Learner:
         num_batches = next(iter(batches.values())).shape[0]
         records: list[tuple[int, str]] = []
         values: list[torch.Tensor] = []
-        for i in range(num_batches):
-            for key, value in self.algorithm.update({k: v[i] for k, v in tensors.items()}).items():
-                records.append((i, key))
-                values.append(torch.as_tensor(value, device=self.device, dtype=torch.float32).reshape(()))
+        with subnormals_flushed(self.device):
+            for i in range(num_batches):
+                for key, value in self.algorithm.update({k: v[i] for k, v in tensors.items()}).items():
+                    records.append((i, key))
+                    values.append(torch.as_tensor(value, device=self.device, dtype=torch.float32).reshape(()))
         numbers = torch.stack(values).tolist() if values else []
         for (i, key), value in zip(records, numbers, strict=True):
             if key.startswith("losses/") and not math.isfinite(value):

@@ -34,7 +34,7 @@ def check_env(config: ExperimentConfig) -> None:
             with np.errstate(all="ignore"):
                 obs, _ = env.reset(seed=config.seed)
                 flat = flatten_obs(env.observation_space, obs)
-            check_finite(env, flat, 0.0, "at its first reset")
+            check_finite(env, flat, 0.0, "its first reset")
         finally:
             env.close()
     except EnvError as exc:
