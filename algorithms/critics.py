@@ -48,7 +48,7 @@ class StackedLinear(nn.Module):
 
 class StackedMLPCritics(nn.Module):
     """``n`` Q-networks Q_i(s, a) = MLP_i([s, a]) (ReLU) as one stacked network: every layer of all of them is
-    one ``torch.baddbmm``, so twin critics cost the kernel launches of one."""
+    one batched matrix product on stacked weights, so twin critics cost the kernel launches of one."""
 
     def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: list[int]):
         super().__init__()
