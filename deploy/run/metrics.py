@@ -284,8 +284,7 @@ class MetricsLogger:
                     raise
                 wandb.teardown()
                 if time.monotonic() > deadline:
-                    old, self.run_id = self.run_id, _new_run_id()
-                    (self.run_dir / WANDB_ID_FILE).write_text(self.run_id + "\n")
+                    old, self.run_id = self.run_id, _run_id(self.run_dir, resume=False)
                     print(f"softflow: warning: W&B run {old} is still held by a process of the run before; "
                           f"logging to W&B run {self.run_id} instead", file=sys.stderr)
                     return self._init_wandb(config, wandb_config, mode)

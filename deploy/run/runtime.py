@@ -184,14 +184,15 @@ class Runtime:
                     pending += chunk
             timeout = WAIT_TIMEOUT_S
             if not adds and all(not s.runs for s in self.slots) and status_task is None:  # all held back: poll
-                if time.perf_counter() >= status_due:
+                now = time.perf_counter()
+                if now >= status_due:
                     status_task = self.replay.status.remote()
                 else:
-                    timeout = min(timeout, status_due - time.perf_counter())
+                    timeout = min(timeout, status_due - now)
             eval_task = self.evaluation[0] if self.evaluation else None
             waiting = [learner_task, *adds, *(r for s in self.slots for r in s.runs)]
             waiting += [t for t in (eval_task, status_task) if t is not None]
-            ready = self.processes.wait(waiting, max(timeout, 0.0))
+            ready = self.processes.wait(waiting, timeout)
             for ref in ready:
                 if ref is learner_task:
                     window.learner(self._learner_result(learner_task))

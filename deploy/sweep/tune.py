@@ -37,6 +37,7 @@ def default_sweep_dir(name: str, experiment: ExperimentConfig) -> Path:
     """``<storage or runs>/<name>-<time>``: a sweep goes where its (first) experiment's runs go (``storage``)."""
     return run_root(experiment) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
+
 def run_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], sweep_dir: str, metric: str,
               resumable: tuple[str, ...] = ()) -> None:
     """The Tune function trainable: trains one trial's experiment in ``<sweep dir>/<trial name>/``, reports every
