@@ -117,9 +117,10 @@ class LearnerActor:
             torch.set_rng_state(state["torch_rng"])
 
     def describe(self) -> dict[str, Any]:
-        """Where the learner runs, and the driver's counters restored from a checkpoint."""
+        """Where the learner runs (device, torch threads), and the driver's counters restored from a checkpoint."""
         name = str(self.device) if self.device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(self.device)})"
-        return {"device": name, "updates": self.learner.num_updates, "version": self.version, "driver": self.extra}
+        return {"device": name, "threads": torch.get_num_threads(), "updates": self.learner.num_updates,
+                "version": self.version, "driver": self.extra}
 
     def publish(self) -> Published:
         """The weights actors need, shared once."""

@@ -6,7 +6,10 @@ batch_size * updates_per_step``), networks ([256, 256]), learning rates, gamma, 
 softflow runs its Ray runtime with one rollout actor and one learner; RLlib runs its new API stack with its default
 for SAC, sampling in the algorithm's own process (``num_env_runners=0``), and a local learner (with one remote env
 runner RLlib's ``training_intensity`` arithmetic counts a local sampler that does not sample, and it ran 2 updates
-per step). Reported for both: env steps and learner updates per second of wall time, the update-to-data ratio
+per step). Both compute with one torch thread per CPU of the machine (Ray's count): RLlib's process, and softflow's
+learner, whose ``learner.num_cpus`` is the CPUs less the rollout actor's ``ACTOR_CPUS`` (an actor at about 100 env
+steps/s uses a tenth of a core; the learner takes ``ceil(learner.num_cpus)`` threads). Reported for both: the
+torch threads of the updates, env steps and learner updates per second of wall time, the update-to-data ratio
 actually run (updates over env steps after ``learning_starts``), and the ratios softflow / RLlib. Startup (Ray,
 building the algorithm) is not timed for either.
 """
@@ -20,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from softflow.deploy.bench.timing import Stopwatch
 from softflow.deploy.config import ConfigError, parse_experiment
 
 LOG_EVERY = 200
+ACTOR_CPUS = 0.5
 
 
 class _TimeUp(Exception):
@@ -32,17 +37,20 @@ class _TimeUp(Exception):
 
 
 def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
-                 seed: int) -> dict[str, float]:
+                 seed: int, cpus: int) -> dict[str, float]:
     """softflow's runtime (1 actor, 1 learner) for ``seconds``: env steps/s and updates/s."""
     from softflow.deploy.run.runtime import Runtime
+
+    learner_cpus = max(1.0, cpus - ACTOR_CPUS)
 
     config = parse_experiment({
         "name": "bench-rllib", "seed": seed, "total_env_steps": 10**9, "log_every_steps": LOG_EVERY,
         "env": {"id": env_id},
         "algorithm": {"name": "sac", "batch_size": batch_size},
-        "actors": {"count": 1, "num_cpus": 1, "envs_per_actor": 1, "fragment_length": 50, "candidates": 1},
+        "actors": {"count": 1, "num_cpus": ACTOR_CPUS, "envs_per_actor": 1, "fragment_length": 50, "candidates": 1},
         "replay": {"capacity": 1_000_000, "updates_per_step": updates_per_step},
-        "learner": {"learning_starts": learning_starts, "checkpoint_every": 10**9, "num_cpus": 1, "num_gpus": 0},
+        "learner": {"learning_starts": learning_starts, "checkpoint_every": 10**9, "num_cpus": learner_cpus,
+                    "num_gpus": 0},
         "eval": {"episodes": 0},
     })
     scratch = Path(tempfile.mkdtemp(prefix="softflow-bench-"))
@@ -58,13 +66,14 @@ def softflow_sac(env_id: str, seconds: float, batch_size: int, updates_per_step:
                 runtime.run(stop_when_time_is_up)
             except _TimeUp:
                 pass
-        return measured(runtime.counters.env_steps, runtime.counters.updates, watch.seconds, learning_starts)
+        threads = ray.get(runtime.learner.describe.remote())["threads"]
+        return measured(runtime.counters.env_steps, runtime.counters.updates, watch.seconds, learning_starts, threads)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: float, learning_starts: int,
-              seed: int) -> dict[str, float]:
+              seed: int, cpus: int) -> dict[str, float]:
     """RLlib's SAC (new API stack, sampling in this process, local learner) for ``seconds``: env steps/s and
     updates/s."""
     from ray.rllib.algorithms.sac import SACConfig
@@ -80,6 +89,8 @@ def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: fl
               .rl_module(model_config={"fcnet_hiddens": [256, 256], "fcnet_activation": "relu"})
               .debugging(seed=seed, log_level="ERROR")
               .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpus)
     algo = config.build_algo()
     env_steps = updates = 0
     try:
@@ -90,14 +101,17 @@ def rllib_sac(env_id: str, seconds: float, batch_size: int, updates_per_step: fl
                 trained = result.get("learners", {}).get("__all_modules__", {}).get(
                     "num_env_steps_trained_lifetime", 0)
                 updates = int(trained) // batch_size
+        used_threads = torch.get_num_threads()
     finally:
         algo.stop()
-    return measured(env_steps, updates, watch.seconds, learning_starts)
+        torch.set_num_threads(threads)
+    return measured(env_steps, updates, watch.seconds, learning_starts, used_threads)
 
 
-def measured(env_steps: int, updates: int, seconds: float, learning_starts: int) -> dict[str, float]:
-    return {"env_steps": env_steps, "updates": updates, "seconds": seconds, "env_steps_per_s": env_steps / seconds,
-            "updates_per_s": updates / seconds,
+def measured(env_steps: int, updates: int, seconds: float, learning_starts: int, torch_threads: int
+             ) -> dict[str, float]:
+    return {"torch_threads": torch_threads, "env_steps": env_steps, "updates": updates, "seconds": seconds,
+            "env_steps_per_s": env_steps / seconds, "updates_per_s": updates / seconds,
             "updates_per_step_run": updates / max(env_steps - learning_starts, 1)}
 
 
@@ -108,13 +122,14 @@ def bench_rllib(env_id: str = "HalfCheetah-v5", seconds: float = 120.0, batch_si
         raise ConfigError("--seconds, --batch-size and --updates-per-step must be positive")
     args = (env_id, seconds, batch_size, updates_per_step, learning_starts, seed)
     ray.init(include_dashboard=False, logging_level=logging.ERROR)
+    cpus = int(ray.cluster_resources()["CPU"])
     try:
-        ours = softflow_sac(*args)
+        ours = softflow_sac(*args, cpus)
     finally:
         ray.shutdown()
     ray.init(include_dashboard=False, logging_level=logging.ERROR)
     try:
-        theirs = rllib_sac(*args)
+        theirs = rllib_sac(*args, cpus)
     finally:
         ray.shutdown()
     return {

@@ -42,9 +42,12 @@ class RayProcesses:
 
     errors = (RayActorError, ActorUnavailableError)  # what a call to a dead actor raises
     runs_in_flight = 2  # per rollout actor: the next run is queued while the driver handles the last
-    # While the rate limiter holds every actor back, the driver asks the replay actor this often whether they may go
-    # on. Asked back to back, the driver and the replay actor took most of a core from the learner.
+    # While the rate limiter holds every actor back, the driver asks the replay actor again when the learner will
+    # have made room for the next fragment, but no sooner than status_poll_s and no later than status_wait_max_s
+    # (Runtime._next_status_in). Asked back to back, the driver and the replay actor took most of a core from the
+    # learner; asked every 20 ms, their wake-ups still cost a two-thread learner a tenth of its updates.
     status_poll_s = 0.02
+    status_wait_max_s = 0.5
     get = staticmethod(ray.get)
     put = staticmethod(ray.put)
 
@@ -160,6 +163,7 @@ class LocalProcesses:
     rollout_actors = 1
     runs_in_flight = 1
     status_poll_s = 0.0  # nothing runs between two calls here, so the status can only change by the driver's calls
+    status_wait_max_s = 0.0
 
     def __init__(self, config: ExperimentConfig):
         self.config = config

@@ -155,6 +155,7 @@ class Runtime:
             self.counters.restarts += restarted
         self.weights = p.get(self.learner.publish.remote())
         self.status = p.get(self.replay.status.remote())
+        self.learner_rate: float | None = None  # updates per second of the learner's work, from its last call
         self.counters.env_steps = self.status.inserts
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ class Runtime:
                     window.metrics |= self._evaluation_result()
                 elif ref is status_task:
                     self.status = self.processes.get(status_task)
-                    status_task, status_due = None, time.perf_counter() + self.processes.status_poll_s
+                    status_task, status_due = None, time.perf_counter() + self._next_status_in(pending, chunk)
                 elif ref in adds:
                     self.status = self.processes.get(ref)
                     transitions = adds.pop(ref)
@@ -320,9 +321,23 @@ class Runtime:
                               f"{self.counters.env_steps} env steps. Continue it with: softflow train --resume "
                               f"{self.run_dir}") from None
         self.counters.updates += result.updates
+        busy_s = result.seconds * (1.0 - result.metrics.get("learner/wait_fraction", 0.0))
+        if result.updates and busy_s > 0:
+            self.learner_rate = result.updates / busy_s
         if result.weights is not None:
             self.weights = result.weights
         return result
+
+    def _next_status_in(self, pending: int, chunk: int) -> float:
+        """Seconds until the next status call while every actor is held back: the updates the rate limiter wants
+        before it accepts one more fragment, at the learner's last measured rate (updates per second of work, its
+        waits left out), within ``[status_poll_s, status_wait_max_s]`` of the processes."""
+        p = self.processes
+        missing = chunk - (self.status.insert_allowance - pending)  # transitions
+        if missing <= 0 or self.learner_rate is None:
+            return p.status_poll_s
+        return min(max(missing * self.config.replay.updates_per_step / self.learner_rate, p.status_poll_s),
+                   p.status_wait_max_s)
 
     def checkpoint(self) -> None:
         """One consistent checkpoint set (softflow/checkpoints.py): the learner writes its state and the driver's

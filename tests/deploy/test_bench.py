@@ -161,5 +161,6 @@ def test_smoke_bench_rllib_reports_both_libraries_side_by_side():
     assert report["params"]["batch_size"] == 64 and report["env"] == "HalfCheetah-v5"
     for library in ("softflow", "rllib"):
         assert report[library]["env_steps"] > 0 and report[library]["seconds"] >= 20, report[library]
+    assert report["softflow"]["torch_threads"] == report["rllib"]["torch_threads"], "both get the machine's cores"
     assert math.isclose(report["env_steps_per_s_ratio"],
                         report["softflow"]["env_steps_per_s"] / report["rllib"]["env_steps_per_s"])
