@@ -321,7 +321,7 @@ class Runtime:
                               f"{self.counters.env_steps} env steps. Continue it with: softflow train --resume "
                               f"{self.run_dir}") from None
         self.counters.updates += result.updates
-        busy_s = result.seconds * (1.0 - result.metrics.get("learner/wait_fraction", 0.0))
+        busy_s = result.seconds * (1.0 - result.metrics["learner/wait_fraction"])  # every call reports it
         if result.updates and busy_s > 0:
             self.learner_rate = result.updates / busy_s
         if result.weights is not None:
