@@ -208,7 +208,7 @@ class SoftActorCritic(Algorithm):
             noise = None if explore else torch.zeros(obs_t.shape[0], self.policy.act_dim, device=self.device)
             return self.policy.sample(obs_t, noise=noise).action.cpu().numpy()
         actions = self.policy.sample(obs_t, candidates).action
-        q = self.critic.min_q(obs_t.unsqueeze(1).expand(-1, candidates, -1), actions)
+        q = self.critic.candidates_min_q(obs_t, actions)
         best = q.argmax(dim=1)
         return actions[torch.arange(obs_t.shape[0], device=self.device), best].cpu().numpy()
 

@@ -58,5 +58,4 @@ class CandidateFlowMatching(SoftActorCritic):
 
     def candidate_q(self, obs: torch.Tensor, candidates: PolicySample) -> torch.Tensor:
         """min(Q1, Q2) of the M candidates at each state, shape (B, M), for the weights."""
-        m = candidates.action.shape[1]
-        return self.critic.min_q(obs.unsqueeze(1).expand(-1, m, -1), candidates.action)
+        return self.critic.candidates_min_q(obs, candidates.action)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from softflow.algorithms.networks import polyak_update
 
-NO_GRAD_CHUNK = 4096
+CANDIDATE_CHUNK = 1024  # rows per piece of a candidate evaluation: each layer's activations stay in the CPU's cache
 
 
 class CriticConfig(BaseModel):
@@ -58,9 +58,24 @@ class StackedMLPCritics(nn.Module):
     def forward(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """z: (n or 1, N, o + d) -> (n, N)."""
         h = z.expand(len(self.layers[0].weight), -1, -1)
-        for layer in self.layers[:-1]:
+        return self._hidden_to_q(torch.relu_(self.layers[0](h, frozen)), frozen)
+
+    def _hidden_to_q(self, h: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """The layers after the first, from its activations (n, N, width) to the values (n, N)."""
+        for layer in self.layers[1:-1]:
             h = torch.relu_(layer(h, frozen))  # in place: the (n, N, width) activations are the memory traffic
         return self.layers[-1](h, frozen).squeeze(-1)
+
+    def candidates(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Values of K actions at each state: obs (B, o), actions (B, K, d) -> (n, B, K). The first layer splits
+        as W [s; a] + b = (W_s s + b) + W_a a, so the state's part is computed once per state, not K times (and
+        the narrow [s; a] input, a slow shape for a matrix product, never forms)."""
+        first, o = self.layers[0], obs.shape[-1]
+        batch, k, d = actions.shape
+        state_part = torch.matmul(obs, first.weight[:, :o]).add_(first.bias).unsqueeze(2)  # (n, B, 1, width)
+        h = torch.matmul(actions.reshape(1, batch * k, d), first.weight[:, o:])  # (n, B K, width)
+        h = h.view(*state_part.shape[:2], k, -1).add_(state_part).relu_()
+        return self._hidden_to_q(h.flatten(1, 2)).view(-1, batch, k)
 
 
 class StackedQuadraticCritics(nn.Module):
@@ -98,13 +113,9 @@ class TwinCritic(nn.Module):
     @staticmethod
     def _evaluate(critics: nn.Module, obs: torch.Tensor, action: torch.Tensor, frozen: bool = False
                   ) -> torch.Tensor:
-        """(2, *lead) values. Without gradients, many rows (FLAME's K candidates per state) are evaluated
-        ``NO_GRAD_CHUNK`` rows at a time, so that each layer's activations stay in the CPU's cache."""
-        lead = obs.shape[:-1]
+        """(2, *lead) values."""
         z = torch.cat([obs, action], dim=-1).reshape(1, -1, obs.shape[-1] + action.shape[-1])
-        if torch.is_grad_enabled() or z.shape[1] <= NO_GRAD_CHUNK:
-            return critics(z, frozen).reshape(2, *lead)
-        return torch.cat([critics(part) for part in z.split(NO_GRAD_CHUNK, dim=1)], dim=1).reshape(2, *lead)
+        return critics(z, frozen).reshape(2, *obs.shape[:-1])
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q1, q2 = self._evaluate(self.online, obs, action)
@@ -117,6 +128,18 @@ class TwinCritic(nn.Module):
 
     def min_target_q(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self._evaluate(self.target, obs, action).amin(0)
+
+    @torch.no_grad()
+    def candidates_min_q(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """min(Q1, Q2) of K candidate actions at each state, obs (B, o) and actions (B, K, d) -> (B, K), without
+        gradients (importance weights, best-of-N acting). MLP critics take the state's part of the first layer
+        once per state (``StackedMLPCritics.candidates``), in pieces of about ``CANDIDATE_CHUNK`` rows."""
+        k = actions.shape[1]
+        if not isinstance(self.online, StackedMLPCritics):
+            return self.min_q(obs.unsqueeze(1).expand(-1, k, -1), actions)
+        states = max(1, CANDIDATE_CHUNK // k)
+        return torch.cat([self.online.candidates(part_obs, part_actions).amin(0)
+                          for part_obs, part_actions in zip(obs.split(states), actions.split(states))])
 
     def td_loss(
         self, batch: dict[str, torch.Tensor], next_action: torch.Tensor, next_log_prob: torch.Tensor,

@@ -316,8 +316,7 @@ class FLAME(SoftActorCritic):
             mean, factor = self.policy.network.one_step_linearisation(obs)
             actions, eps, log_ratio = mixture_candidates(x, r, c.num_candidates, box.bounded, mean, factor,
                                                          c.defensive_fraction, c.proposal_inflation)
-        k = actions.shape[1]
-        q = self.critic.min_q(obs.unsqueeze(1).expand(-1, k, -1), box.to_action(actions))
+        q = self.critic.candidates_min_q(obs, box.to_action(actions))
         weights = torch.softmax(q / self.temperature.value + log_ratio, dim=1)
         return (weights.unsqueeze(-1) * (actions - eps)).sum(1), weights
 

@@ -45,6 +45,9 @@ class FixedEnergy(torch.nn.Module):
     def min_q(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.mixture.alpha * self.mixture.log_density(action)
 
+    def candidates_min_q(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.min_q(obs, actions)
+
 
 def exact_samples(n: int, generator: torch.Generator) -> torch.Tensor:
     component = torch.multinomial(WEIGHTS, n, replacement=True, generator=generator)

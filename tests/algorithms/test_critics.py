@@ -3,8 +3,10 @@
 import copy
 import math
 
+import pytest
 import torch
 
+from softflow.algorithms import critics as critics_module
 from softflow.algorithms.critics import CriticConfig, StackedQuadraticCritics, Temperature, TwinCritic
 from softflow.algorithms.networks import polyak_update
 
@@ -78,6 +80,20 @@ def test_min_q_over_candidates_and_frozen_gradients():
     q.sum().backward()
     assert action.grad.abs().sum() > 0
     assert all(p.grad is None for p in critic.online.parameters())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "quadratic"])
+def test_candidates_min_q_is_min_q_at_every_candidate(kind, monkeypatch):
+    """K candidates per state: the split first layer (state part once per state) and the pieces of about
+    CANDIDATE_CHUNK rows (here 7 rows, so 2 states per piece and a short last piece) give min_q at each pair."""
+    monkeypatch.setattr(critics_module, "CANDIDATE_CHUNK", 7)
+    torch.manual_seed(3)
+    critic = TwinCritic(CriticConfig(kind=kind, hidden=[16, 8]), 3, 2)
+    obs, actions = torch.randn(5, 3), torch.randn(5, 3, 2)
+    q = critic.candidates_min_q(obs, actions)
+    expected = torch.stack([critic.min_q(obs[b].expand(3, -1), actions[b]) for b in range(5)])
+    assert q.shape == (5, 3) and not q.requires_grad
+    assert torch.allclose(q, expected, atol=1e-6)
 
 
 def test_temperature_moves_towards_the_target_entropy():
