@@ -75,15 +75,19 @@ class MLPVelocity(VelocityField):
         # T as (width_1, d * width_2); W_2^T made contiguous first, or the product reads it with a stride of width_2
         # and costs 20x more (1.4 ms against 0.07 ms at width 256)
         fused = (first.unsqueeze(-1) * linears[1].weight.T.contiguous().unsqueeze(1)).flatten(1)
-        grad_t = (silu_grad(h) @ fused).view(x.shape[0], d, -1)  # (B, d, width_2): the tangent after layer 2
-        h = linears[1](nn.functional.silu(h))
+        act, slope = silu_and_grad(h)
+        grad_t = (slope @ fused).view(x.shape[0], d, -1)  # (B, d, width_2): the tangent after layer 2
+        h = linears[1](act)
         for layer in linears[2:]:
-            grad_t = grad_t.mul_(silu_grad(h).unsqueeze(1)) @ layer.weight.T
-            h = layer(nn.functional.silu(h))
+            act, slope = silu_and_grad(h)
+            grad_t = grad_t.mul_(slope.unsqueeze(1)) @ layer.weight.T
+            h = layer(act)
         return h, grad_t.transpose(1, 2)
 
 
-def silu_grad(pre: torch.Tensor) -> torch.Tensor:
-    """d SiLU(p) / dp = s (1 + p (1 - s)) with s = sigmoid(p)."""
+def silu_and_grad(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SiLU(p), d SiLU / dp) from one s = sigmoid(p): SiLU = p s and its slope s (1 + p (1 - s)) = s + SiLU (1 - s),
+    four elementwise passes instead of six."""
     sig = torch.sigmoid(pre)
-    return sig * (1 + pre * (1 - sig))
+    act = pre * sig
+    return act, torch.addcmul(sig, act, 1 - sig)
