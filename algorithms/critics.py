@@ -43,6 +43,8 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         weight, bias = (self.weight.detach(), self.bias.detach()) if frozen else (self.weight, self.bias)
+        if weight.shape[-1] == 1:  # a batched matrix-vector product is 3-4x faster as multiply-and-sum, both ways
+            return (x * weight.transpose(1, 2)).sum(-1, keepdim=True).add_(bias)
         return torch.matmul(x, weight).add_(bias)
 
 
@@ -172,10 +174,9 @@ class Temperature(nn.Module):
         return self.log_alpha.detach().exp()
 
     def update(self, entropy: torch.Tensor) -> None:
-        """One step on a detached entropy estimate; a no-op when alpha is fixed."""
+        """One Adam step on a detached entropy estimate H, with the loss's gradient in log alpha, H - H*, set
+        directly (no autograd graph for a scalar); a no-op when alpha is fixed."""
         if self.optimizer is None:
             return
-        loss = self.log_alpha * (entropy.detach() - self.target_entropy)
-        self.optimizer.zero_grad()
-        loss.backward()
+        self.log_alpha.grad = (entropy.detach() - self.target_entropy).to(self.log_alpha)
         self.optimizer.step()

@@ -57,8 +57,9 @@ class GaussianPolicy(nn.Module):
                noise: torch.Tensor | None = None) -> PolicySample:
         batch, n = obs.shape[0], num_samples or 1
         features = self.trunk(obs)
-        mean = self.mean(features).repeat_interleave(n, dim=0)
-        log_std = torch.tanh(self.log_std(features)).repeat_interleave(n, dim=0)
+        mean, log_std = self.mean(features), torch.tanh(self.log_std(features))
+        if n > 1:
+            mean, log_std = mean.repeat_interleave(n, dim=0), log_std.repeat_interleave(n, dim=0)
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
         eps = draw_base_noise(obs, batch * n, self.act_dim, noise)
         x = mean + log_std.exp() * eps
