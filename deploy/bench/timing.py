@@ -21,9 +21,11 @@ class Stopwatch:
         return (time.perf_counter() if self.stop is None else self.stop) - self.start
 
 
-def rate(fn: Callable[[], int], seconds: float) -> float:
-    """Calls ``fn`` (which returns how many units it did) for about ``seconds`` after one warm-up call; units/s."""
-    fn()
+def rate(fn: Callable[[], int], seconds: float, warmup: bool = True) -> float:
+    """Calls ``fn`` (which returns how many units it did) for about ``seconds``, after one warm-up call unless
+    ``warmup`` is False; units/s."""
+    if warmup:
+        fn()
     done = 0
     with Stopwatch() as watch:
         while watch.seconds < seconds:
