@@ -100,6 +100,8 @@ def test_temperature_moves_towards_the_target_entropy():
     low = Temperature(0.2, autotune=True, target_entropy=-1.0, lr=0.1)
     low.update(torch.tensor(-3.0))
     assert low.value > 0.2, "entropy below target raises alpha"
+    # the loss log(alpha) (H - H*) has gradient H - H* = -2 in log alpha; Adam's first step is lr against its sign
+    assert math.isclose(low.log_alpha.item(), math.log(0.2) + 0.1, rel_tol=1e-5)
     high = Temperature(0.2, autotune=True, target_entropy=-1.0, lr=0.1)
     high.update(torch.tensor(2.0))
     assert high.value < 0.2
